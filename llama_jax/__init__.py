@@ -2,6 +2,8 @@
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import KVCache, forward, forward_cached, init_cache, init_params, param_logical_axes
+from llama_jax.sampling import GenerateOutput, generate
+from llama_jax.tokenizer import Tokenizer
 
 __all__ = ["LlamaConfig", "KVCache", "forward", "forward_cached", "init_cache", "init_params",
-           "param_logical_axes"]
+           "param_logical_axes", "GenerateOutput", "generate", "Tokenizer"]
