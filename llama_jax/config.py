@@ -253,9 +253,9 @@ def _ffn_fields_for(dim: int, hidden: int, origin: str) -> dict:
   for multiple_of in (4096, 256, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1):
     if hidden % multiple_of:
       continue
-    mult = round(hidden / base, 6)
-    cfg = LlamaConfig(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=mult)
-    if cfg.ffn_hidden_dim == hidden:
-      return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
+    for mult in (1.3, round(hidden / base, 6)):  # 1.3 first: Llama 2 70B's params.json value
+      cfg = LlamaConfig(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=mult)
+      if cfg.ffn_hidden_dim == hidden:
+        return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
   raise ValueError(f"{origin}: intermediate_size {hidden} cannot be produced by Meta's FFN rounding "
                    f"for dim {dim}")
