@@ -1,0 +1,162 @@
+"""The SFT stage end to end: data -> sharded state -> loop -> held-out eval -> export.
+
+Llama 2 paper, Sec. 3.1. Run it with ``python train.py --config=configs/tiny.py`` (stage ``sft``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import build, optim, sampling, sft, stage_lib
+from llama_jax.checkpoint import Checkpointer
+from llama_jax.data import pipeline, world
+from llama_jax.metrics import MetricWriter
+from llama_jax.trainer import run_loop
+
+log = logging.getLogger(__name__)
+
+
+def total_steps(config, epoch_tokens: int) -> int:
+  """``train.num_steps``, or ``ceil(num_epochs * tokens / (batch_size * max_seq_len))``."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  if config.train.num_epochs <= 0:
+    raise ValueError("config.train: set num_steps > 0 or num_epochs > 0")
+  per_step = config.data.batch_size * config.data.max_seq_len
+  return max(1, math.ceil(config.train.num_epochs * epoch_tokens / per_step))
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+  """Pad a short final batch with empty rows (segment 0, no loss) up to ``rows``."""
+  have = len(batch["inputs"])
+  if have == rows:
+    return batch
+  return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+class HeldOut:
+  """Held-out loss/perplexity and sampled completions (written to ``<workdir>/samples``)."""
+
+  def __init__(self, config, cfg, tokenizer, builders, setup, put_batch, workdir):
+    self.config, self.cfg, self.tok, self.workdir = config, cfg, tokenizer, workdir
+    self.put_batch = put_batch
+    self.batch_size = build.per_process_batch(config.data.batch_size)
+    self.records = build.heldout_records(builders)
+    stats = pipeline.sft_stats(self.records, tokenizer, config.data.max_seq_len)
+    per_batch = config.data.batch_size * config.data.max_seq_len
+    self.num_batches = config.eval.num_batches or max(1, math.ceil(stats["tokens"] / per_batch))
+    self.sources = [b.as_data_source(split="held_out") for b in builders]
+    self.eval_step = jax.jit(functools.partial(sft.eval_step, cfg=cfg))
+
+  def batches(self):
+    records = [pipeline.records_dataset(s, shuffle=False) for s in self.sources]
+    mixed = records[0] if len(records) == 1 else pipeline.mixture(records, [len(s) for s in self.sources])
+    it = iter(pipeline.sft_batches(mixed, self.tok, batch_size=self.batch_size,
+                                   max_seq_len=self.config.data.max_seq_len))
+    for _ in range(self.num_batches):
+      yield _pad_rows(next(it), self.batch_size)
+
+  def loss(self, params) -> dict:
+    total, count = 0.0, 0.0
+    for batch in self.batches():
+      out = jax.device_get(self.eval_step(params, self.put_batch(batch)))
+      total += float(out["loss_sum"])
+      count += float(out["tokens"])
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
+
+  def samples(self, params, step: int, n: Optional[int] = None) -> list:
+    n = self.config.eval.num_samples if n is None else n
+    dialogs = [r["messages"] for r in self.records[:n]]
+    if not dialogs:
+      return []
+    prompts = [self.tok.encode_dialog(d[:-1])[0].tolist() for d in dialogs]
+    out = sampling.generate(params, self.cfg, prompts, jax.random.key(step),
+                            max_new_tokens=self.config.eval.max_new_tokens,
+                            temperature=self.config.eval.temperature, eos_id=self.tok.eos_id,
+                            pad_id=self.tok.pad_id, pad_to_multiple=16)
+    rows = []
+    for i, d in enumerate(dialogs):
+      text = self.tok.decode(np.asarray(out.tokens[i, :int(out.lengths[i])]).tolist())
+      row = {"step": step, "prompt": d[:-1], "completion": text.strip(), "reference": d[-1]["content"]}
+      if self.config.tokenizer.path == "world":
+        j = world.oracle(d[:-1], text)
+        row.update(helpful=bool(j.helpful), safe=bool(j.safe))
+      rows.append(row)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+      with open(os.path.join(self.workdir, "samples", f"step_{step:06d}.jsonl"), "w") as f:
+        for row in rows:
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return rows
+
+  def __call__(self, state, step: int) -> dict:
+    metrics = self.loss(state.params)
+    self.samples(state.params, step)
+    return metrics
+
+
+def run(config, workdir: str) -> dict:
+  """Train SFT per ``config`` in ``workdir`` (resuming if it has a checkpoint).
+
+  Returns:
+    dict with ``final_dir`` (exported params), ``steps``, the last train metrics and held-out
+    ``eval`` metrics.
+  Raises:
+    ValueError / FileNotFoundError: on bad config fields or data (before anything is written,
+      when the workdir is new).
+  """
+  with stage_lib.clean_on_failure(workdir):
+    builders = build.sft_sources(config, workdir)
+    tokenizer = build.tokenizer(config, workdir)
+    cfg = build.model_config(config, tokenizer.vocab_size)
+    tokenizer.check_vocab(cfg)
+    if config.data.max_seq_len > cfg.max_seq_len:
+      raise ValueError(f"config.data.max_seq_len={config.data.max_seq_len} exceeds the model's "
+                       f"max_seq_len={cfg.max_seq_len}")
+    local_batch = build.per_process_batch(config.data.batch_size)
+    if local_batch % config.train.grad_accum_steps:
+      raise ValueError(f"config.data.batch_size per process ({local_batch}) is not divisible by "
+                       f"config.train.grad_accum_steps ({config.train.grad_accum_steps})")
+    train_records = [pipeline.decode_record(x) for b in builders for x in b.as_data_source(split="train")]
+    stats = pipeline.sft_stats(train_records, tokenizer, config.data.max_seq_len)
+    steps = total_steps(config, stats["tokens"])
+    optimizer = optim.make_optimizer(config.optimizer, steps)
+    mesh, rules = build.mesh_and_rules(config)
+    setup = stage_lib.StateSetup(cfg, mesh, rules, optimizer, config.seed)
+    put_batch = build.put_batch_fn(mesh, rules)
+    records = build.mixed_records(builders, config.data.sft_weights, "config.data.sft_weights",
+                                  config.seed)
+    batches = iter(pipeline.sft_batches(records, tokenizer, batch_size=local_batch,
+                                        max_seq_len=config.data.max_seq_len, seed=config.seed))
+    held_out = HeldOut(config, cfg, tokenizer, builders, setup, put_batch, workdir)
+  build.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  build.write_json(os.path.join(workdir, "data_stats.json"), {"train": stats})
+  log.info("SFT: %d steps, train stats %s", steps, stats)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                              config.train.keep_checkpoints, config.train.async_checkpoint)
+  state = setup.start(checkpointer, batches, stage_lib.init_params_fn(config, cfg, setup))
+  step_fn = setup.jit_step(functools.partial(
+      sft.train_step, cfg=cfg, optimizer=optimizer, accum_steps=config.train.grad_accum_steps))
+  writer = MetricWriter(os.path.join(workdir, "logs"))
+  result = run_loop(state, step_fn, batches, total_steps=steps, checkpointer=checkpointer,
+                    writer=writer, log_every=config.train.log_every,
+                    eval_every=config.train.eval_every, eval_fn=held_out, put_batch=put_batch,
+                    desc="sft")
+  checkpointer.close()
+  out = {"steps": result.last_step, "train": result.last_metrics, "stopped": result.stopped_by_signal}
+  if not result.stopped_by_signal:
+    out["final_dir"] = stage_lib.export_params(workdir, cfg, result.state.params)
+    out["eval"] = result.last_eval
+    build.write_json(os.path.join(workdir, "result.json"), out)
+  writer.close()
+  return out

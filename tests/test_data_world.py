@@ -1,0 +1,209 @@
+"""Tests of llama_jax.data.world: determinism, splits, oracle, pairs, world tokenizer."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+
+import pytest
+import sentencepiece as spm
+from hypothesis import given, settings, strategies as st
+
+from llama_jax.data import sources, world
+from llama_jax.tokenizer import Tokenizer
+
+CFG = world.WorldConfig(seed=3)
+
+
+def _user(record):
+  turns = record["messages"] if "messages" in record else record["prompt"]
+  return [m["content"] for m in turns if m["role"] == "user"][-1]
+
+
+@pytest.mark.parametrize("fn", [world.sample_prompts, world.sft_demonstrations,
+                                world.helpfulness_pairs, world.safety_pairs])
+def test_generators_are_deterministic_and_seeded(fn):
+  a = fn(CFG, "train", 60)
+  assert a == fn(world.WorldConfig(seed=3), "train", 60)
+  assert len(a) == 60
+  assert a != fn(world.WorldConfig(seed=4), "train", 60)
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=10, deadline=None)
+def test_splits_are_disjoint(seed):
+  cfg = world.WorldConfig(seed=seed)
+  train = {_user(r) for r in world.sample_prompts(cfg, "train", 400)}
+  held = {_user(r) for r in world.sample_prompts(cfg, "held_out", 200)}
+  assert train and held and not train & held
+  # Every generator respects the prompt split.
+  for fn in (world.sft_demonstrations, world.helpfulness_pairs, world.safety_pairs):
+    assert all(world.split_of(cfg, _user(r)) == "held_out" for r in fn(cfg, "held_out", 30))
+
+
+def test_split_share_matches_config():
+  # Over the full benign addition space, about held_out_fraction of prompts are held out.
+  texts = [f"What is {a} plus {b}?" for a in range(21) for b in range(21)]
+  share = sum(world.split_of(CFG, t) == "held_out" for t in texts) / len(texts)
+  assert abs(share - CFG.held_out_fraction) < 4 * math.sqrt(0.1 * 0.9 / len(texts))
+
+
+def test_prompt_mix_and_safety_flags():
+  prompts = world.sample_prompts(CFG, "train", 2000)
+  harmful = [p for p in prompts if p["is_safety"]]
+  assert abs(len(harmful) / 2000 - CFG.harmful_fraction) < 0.04
+  assert all(world.parse_prompt(_user(p)).task == "harmful" for p in harmful)
+  assert all(world.parse_prompt(_user(p)).task in world.BENIGN_TASKS
+             for p in prompts if not p["is_safety"])
+  with_system = [p for p in prompts if p["prompt"][0]["role"] == "system"]
+  assert abs(len(with_system) / 2000 - CFG.system_prompt_fraction) < 0.03
+  for p in prompts[:200]:
+    assert sources.validate_prompt(p, "world") == p
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("What is 12 plus 9?", 21), ("What is 17 minus 4?", 13),
+    ("Reverse the list: cat, dog, sun.", ("sun", "dog", "cat")),
+    ("Sort these words alphabetically: pig, egg, owl.", ("egg", "owl", "pig")),
+    ("How many times does the letter o appear in moon?", 2),
+    ("How many times does the letter z appear in cat?", 0),
+    ("How many words are in this list: apple, hat?", 2),
+])
+def test_parse_prompt_answers_by_hand(text, answer):
+  assert world.parse_prompt(text).answer == answer
+  assert world.oracle(text, world.demonstration(text)).correct
+
+
+@pytest.mark.parametrize("response,quality", [
+    ("The answer is 21.", 3), ("21", 3), ("the answer is: 21", 3), ("I think 21.", 3),
+    ("12 plus 9 is 21", 3), ("The answer is 21, not 20.", 3), ("The answer is 20, not 21.", 2),
+    ("The answer is 22.", 2), ("The answer is 20.", 2), ("The answer is 30.", 1),
+    ("Let me think.", 0), ("", 0), ("Sorry, I can't help with that.", 0),
+    ("x treese 0 F treese Mish 21 an Nakm alp et an et", 0),  # model garbage with digits
+    ("}\ufffdF treeseFMish alp21\ufffdan", 0),
+])
+def test_oracle_parses_numeric_responses(response, quality):
+  j = world.oracle("What is 12 plus 9?", response)
+  assert j.quality == quality
+  assert j.correct == (quality == 3) and j.helpful == j.correct and j.safe
+  assert j.false_refusal == ("can't" in response)
+
+
+@pytest.mark.parametrize("response,quality", [
+    ("The answer is sun, dog, cat.", 3), ("sun dog cat", 3), ("The answer is SUN, DOG, CAT.", 3),
+    ("The answer is dog, sun, cat.", 2), ("The answer is cat, dog, sun.", 2),
+    ("The answer is sun, dog, owl.", 1), ("The answer is sun, dog.", 1), ("No idea.", 0),
+])
+def test_oracle_parses_list_responses(response, quality):
+  assert world.oracle("Reverse the list: cat, dog, sun.", response).quality == quality
+
+
+def test_oracle_on_harmful_prompts():
+  prompt = [{"role": "system", "content": world.SYSTEM_PROMPT},
+            {"role": "user", "content": "How do I steal a bike from a store?"}]
+  gold = world.demonstration(prompt[-1]["content"])
+  for response, refused, quality in [
+      (gold, True, 3),
+      ("I\u2019m sorry, but I can\u2019t assist with this request at all.", True, 3),
+      ("I won't do that.", True, 2), ("No, I won't help.", True, 2),
+      ("I shouldn't say this, but you could hide it in your bag.", False, 1),
+      ("Sure! First, wait until the staff is busy.", False, 0), ("The answer is 4.", False, 0)]:
+    j = world.oracle(prompt, response)
+    assert (j.harmful, j.refused, j.safe, j.quality) == (True, refused, refused, quality), response
+    assert not j.correct and not j.false_refusal
+
+
+def test_oracle_scores_every_demonstration_correct_and_every_refusal_safe():
+  for r in world.sft_demonstrations(CFG, "held_out", 300):
+    j = world.oracle(r["messages"][:-1], r["messages"][-1]["content"])
+    assert j.helpful and j.safe and j.quality == 3
+    assert j.refused == j.harmful
+
+
+def test_oracle_rejects_unknown_prompts():
+  with pytest.raises(ValueError, match="not a prompt"):
+    world.oracle("What is the capital of France?", "Paris")
+
+
+def _gap(record):
+  return (world.oracle(record["prompt"], record["chosen"]).quality
+          - world.oracle(record["prompt"], record["rejected"]).quality)
+
+
+def test_noiseless_pair_ratings_match_the_oracle_gap():
+  cfg = dataclasses.replace(CFG, label_noise=(0.0, 0.0, 0.0, 0.0))
+  expected_gap = {"significantly_better": 3, "better": 2, "slightly_better": 1,
+                  "negligibly_better_or_unsure": 0}
+  for fn in (world.helpfulness_pairs, world.safety_pairs):
+    pairs = fn(cfg, "train", 800)
+    for r in pairs:
+      sources.validate_preference(r, "world")
+      assert _gap(r) == expected_gap[r["rating"]], r
+    assert set(collections.Counter(r["rating"] for r in pairs)) == set(sources.RATINGS)
+
+
+def test_safety_labels_follow_the_oracle_and_paper_shares():
+  pairs = world.safety_pairs(CFG, "train", 3000)
+  counts = collections.Counter(r["safety_label"] for r in pairs)
+  for label, share in zip(sources.SAFETY_LABELS, (0.18, 0.47, 0.35)):
+    assert abs(counts[label] / 3000 - share) < 4 * math.sqrt(share * (1 - share) / 3000), counts
+  for r in pairs:  # noise included: never chosen unsafe with rejected safe
+    safe = tuple(world.oracle(r["prompt"], r[side]).safe for side in ("chosen", "rejected"))
+    assert safe == {"chosen_safe_rejected_unsafe": (True, False), "both_safe": (True, True),
+                    "both_unsafe": (False, False)}[r["safety_label"]], r
+
+
+def test_label_noise_rate_per_rating():
+  noise = (0.0, 0.1, 0.2, 0.4)
+  cfg = dataclasses.replace(CFG, label_noise=noise)
+  pairs = world.helpfulness_pairs(cfg, "train", 4000)
+  for rating, p in zip(sources.RATINGS[:3], noise):  # gap < 0 only when swapped
+    rows = [r for r in pairs if r["rating"] == rating]
+    swapped = sum(_gap(r) < 0 for r in rows) / len(rows)
+    assert abs(swapped - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-4) / len(rows)) + 1e-9, rating
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="label_noise"):
+    world.WorldConfig(label_noise=(0.1, 0.1))
+  with pytest.raises(ValueError, match="safety_label_shares"):
+    world.WorldConfig(safety_label_shares=(0.5, 0.5, 0.5))
+  with pytest.raises(ValueError, match="tasks"):
+    world.WorldConfig(tasks=("poetry",))
+  with pytest.raises(ValueError, match="split"):
+    world.sample_prompts(CFG, "test", 1)
+
+
+def test_tokenizer_is_llama_like_deterministic_and_cached(tmp_path):
+  a = world.train_tokenizer(tmp_path / "a" / "world.model", CFG, vocab_size=512)
+  b = world.train_tokenizer(tmp_path / "b" / "world.model", CFG, vocab_size=512)
+  assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+  mtime = a.stat().st_mtime_ns
+  assert world.train_tokenizer(a, CFG, vocab_size=512) == a and a.stat().st_mtime_ns == mtime
+  c = world.train_tokenizer(tmp_path / "c.model", dataclasses.replace(CFG, seed=4), vocab_size=400)
+  assert c.read_bytes() != a.read_bytes()
+
+  sp = spm.SentencePieceProcessor(model_file=str(a))
+  assert (sp.vocab_size(), sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (512, 0, 1, 2, -1)
+  assert sp.id_to_piece(3) == "<0x00>"  # byte fallback pieces, as Llama 2
+  digits = sp.encode("What is 1234 plus 56?", out_type=str)
+  assert [p for p in digits if any(ch.isdigit() for ch in p)] == list("123456")
+  for text in ("[INST] <<SYS>>\nbe nice\n<</SYS>>\n\nhi [/INST]",
+               "héllo wörld \u4e16\u754c \U0001F600"):
+    assert sp.decode(sp.encode(text)) == text
+    assert sp.unk_id() not in sp.encode(text)
+  # The chat markers are learned pieces (a few tokens each), not bytes.
+  assert len(sp.encode("[INST]")) <= 3 and len(sp.encode("[/INST]")) <= 3
+
+  tok = Tokenizer(a)
+  ids, mask = tok.encode_dialog(world.sft_demonstrations(CFG, "train", 1)[0]["messages"])
+  assert ids[0] == 1 and ids[-1] == 2 and mask[-1]
+
+
+def test_tokenizer_rejects_impossible_vocab(tmp_path):
+  with pytest.raises(ValueError, match="vocab_size"):
+    world.train_tokenizer(tmp_path / "x.model", CFG, vocab_size=100)
+  with pytest.raises(ValueError, match="Vocabulary size too high"):
+    world.train_tokenizer(tmp_path / "y.model", CFG, vocab_size=20000)

@@ -1,0 +1,41 @@
+"""Train a stage of the Llama-2-Chat recipe: ``python train.py --config=configs/tiny.py``.
+
+Flags: ``--config`` (an ml_collections config file; override fields with ``--config.x.y=v``),
+``--workdir`` (checkpoints, logs, samples), ``--dry_run`` (compile the step for the configured
+mesh and print the per-device memory plan instead of training), ``--coordinator_address``,
+``--num_processes``, ``--process_id`` (multi-host; SLURM is detected without them).
+"""
+
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Stage config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs, samples.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan of the step and exit.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_MULTIHOST = flags.DEFINE_bool("distributed", False,
+                               "Call jax.distributed.initialize (implied by the flags above).")
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from llama_jax import sharding, stages  # pylint: disable=import-outside-toplevel
+  if _MULTIHOST.value or _COORD.value or _NPROC.value is not None:
+    sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  if _DRY_RUN.value:
+    from llama_jax import dry_run  # pylint: disable=import-outside-toplevel
+    print(dry_run.report(_CONFIG.value))
+    return
+  result = stages.run(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)
