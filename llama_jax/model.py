@@ -178,6 +178,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions, mask, cache_kv=None, cache_index=None, return_hidden=False):
     cfg = self.cfg
     emb = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
+    # Keep the vocab-sharded table for the gather (else XLA replicates the looked-up activations).
+    emb = nn.with_logical_constraint(emb, ("vocab", None))
     x = jnp.take(emb, tokens, axis=0).astype(cfg.compute_dtype)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     block = Block
@@ -223,7 +225,7 @@ def param_logical_axes(cfg: LlamaConfig) -> Params:
   Stacked layer params carry ``"layers"`` as their first axis name. Computed abstractly
   (``jax.eval_shape``), no memory is allocated.
   """
-  boxed = jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0))
+  boxed = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
   return nn.get_partition_spec(boxed)
 
 
