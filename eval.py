@@ -18,6 +18,7 @@ _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (defa
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/TFDS chatter
   from llama_jax import eval_run  # pylint: disable=import-outside-toplevel
   print(json.dumps(eval_run.run(_WORKDIR.value, _NUM_PROMPTS.value), indent=2, default=str))
 

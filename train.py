@@ -26,6 +26,7 @@ _MULTIHOST = flags.DEFINE_bool("distributed", False,
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/TFDS chatter
   from llama_jax import sharding, stages  # pylint: disable=import-outside-toplevel
   if _MULTIHOST.value or _COORD.value or _NPROC.value is not None:
     sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)

@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 2.0
   # Total optimizer steps; 0 = derived from num_epochs.
   c.train.num_steps = 0
+  # Stop after this many steps in one invocation (0 = run to the end); the next invocation resumes
+  # from the checkpoint, bitwise identically (for time-limited jobs).
+  c.train.stop_after_steps = 0
   # Microbatches per step (gradient accumulation); the batch size must be divisible by it.
   c.train.grad_accum_steps = 1
   # Log train metrics every N steps.
@@ -136,4 +139,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (1, -1, 1)
   # Memory per device for the --dry_run fit verdict, in GiB (A100/H100: 80).
   c.mesh.device_memory_gib = 80.0
+
+  # ---- reward models (stage "reward"; llama_jax.reward, Llama 2 Sec. 3.2.2) --------------------
+  # Generic JSONL of preference pairs (schema in llama_jax/data/sources.py), source
+  # "jsonl_preferences" below.
+  c.data.preference_jsonl_path = ""
+  c.reward = ml_collections.ConfigDict()
+  # Which reward model this run trains: helpfulness | safety (a label for logs and eval; the data
+  # mixture below is what makes it one or the other).
+  c.reward.model = "helpfulness"
+  # Preference sources, comma-separated: world_helpfulness | world_safety | hh_rlhf |
+  # jsonl_preferences. The first is the primary set: an epoch is one pass over it.
+  c.reward.sources = "world_helpfulness,world_safety"
+  # Mixture weights of the sources, same order ("" = proportional to their sizes). Paper: the
+  # helpfulness RM takes all helpfulness data plus an equal amount from safety / open-source data
+  # ("1,1"); the safety RM takes safety data (+ HH harmless) and helpfulness data at 90/10 ("0.9,0.1").
+  c.reward.weights = "1,1"
+  # Margin table m(rating) of the ranking loss (Table 27): none | small | large. Pairs without a
+  # rating (e.g. HH-RLHF) get margin 0.
+  c.reward.margin = "small"
+  # Preference pairs per global batch (paper: 512 pairs = 1024 rows); divisible by processes and
+  # by train.grad_accum_steps.
+  c.reward.batch_size = 512
+  # Row length of a response (prompt + response + EOS); set apart from SFT's data.max_seq_len
+  # (Huang et al. 2024: preference data has its own length distribution).
+  c.reward.max_seq_len = 4096
+  # A pair longer than max_seq_len: "error" (rejected before step 0, naming file and line) or
+  # "drop" (skipped, counted in <workdir>/data_stats.json).
+  c.reward.overlong = "error"
+  # Synthetic world: preference pairs generated per world source for train / held out.
+  c.reward.world_train_pairs = 4000
+  c.reward.world_heldout_pairs = 400
+  # Held-out pairs per source scored at each evaluation (0 = all).
+  c.reward.eval_pairs = 0
   return c

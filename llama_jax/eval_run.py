@@ -15,6 +15,14 @@ from llama_jax.model import init_params
 from llama_jax.tokenizer import Tokenizer
 
 
+def _stage_of(workdir: str) -> Optional[str]:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("stage")
+
+
 def load_stage(workdir: str):
   """(config, tokenizer, cfg, params) of a finished stage workdir.
 
@@ -33,7 +41,11 @@ def load_stage(workdir: str):
 
 
 def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
-  """Evaluate ``workdir``; returns the dict written to ``<workdir>/eval/eval.json``."""
+  """Evaluate ``workdir``; returns the dict written to ``<workdir>/eval/eval.json`` (a reward
+  workdir: ``llama_jax.reward_eval.run``, written to ``<workdir>/eval/reward_eval.json``)."""
+  if _stage_of(workdir) == "reward":
+    from llama_jax import reward_eval  # pylint: disable=import-outside-toplevel
+    return reward_eval.run(workdir)
   config, tokenizer, cfg, params = load_stage(workdir)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)

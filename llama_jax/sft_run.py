@@ -151,10 +151,12 @@ def run(config, workdir: str) -> dict:
   result = run_loop(state, step_fn, batches, total_steps=steps, checkpointer=checkpointer,
                     writer=writer, log_every=config.train.log_every,
                     eval_every=config.train.eval_every, eval_fn=held_out, put_batch=put_batch,
-                    desc="sft")
+                    desc="sft", stop_after_steps=config.train.stop_after_steps)
   checkpointer.close()
-  out = {"steps": result.last_step, "train": result.last_metrics, "stopped": result.stopped_by_signal}
-  if not result.stopped_by_signal:
+  finished = result.last_step >= steps
+  out = {"steps": result.last_step, "total_steps": steps, "train": result.last_metrics,
+         "stopped_by_signal": result.stopped_by_signal, "finished": finished}
+  if finished:
     out["final_dir"] = stage_lib.export_params(workdir, cfg, result.state.params)
     out["eval"] = result.last_eval
     build.write_json(os.path.join(workdir, "result.json"), out)

@@ -38,7 +38,7 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
              log_every: int = 10, eval_every: int = 0,
              eval_fn: Optional[Callable[[TrainState, int], Mapping[str, float]]] = None,
              put_batch: Callable[[Any], Any] = lambda b: b, desc: str = "train",
-             tokens_key: str = "real_tokens") -> LoopResult:
+             tokens_key: str = "real_tokens", stop_after_steps: int = 0) -> LoopResult:
   """Run ``step_fn`` from ``state.step`` to ``total_steps``.
 
   Args:
@@ -52,6 +52,8 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
     eval_every: call ``eval_fn(state, step)`` every N steps (and at the end if given).
     put_batch: host batch -> device arrays (e.g. a sharded ``device_put``).
     desc: progress bar label. tokens_key: metric counted for tokens/s.
+    stop_after_steps: if > 0, stop after this many steps in this call (checkpointing as on
+      SIGTERM), e.g. to split a long run into time-limited jobs; resume continues exactly.
   Returns:
     LoopResult. On SIGTERM the loop stops between steps, waits for an in-flight save, saves at
     the current step and returns normally (so the program exits 0).
@@ -65,7 +67,8 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
   last_eval: dict = {}
   saved_step = start
   try:
-    for _ in range(start, total_steps):
+    end = total_steps if stop_after_steps <= 0 else min(total_steps, start + stop_after_steps)
+    for _ in range(start, end):
       if stop.requested:
         log.warning("SIGTERM received: saving at step %d and exiting", int(state.step))
         break
@@ -73,7 +76,7 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
       state, metrics = step_fn(state, batch, step_rng(state))
       step = int(state.step)
       window.append(metrics)
-      if step % log_every == 0 or step == total_steps:
+      if step % log_every == 0 or step == end:
         host = jax.device_get(window)
         now = time.perf_counter()
         last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
