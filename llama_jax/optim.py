@@ -41,8 +41,10 @@ def make_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     ratio = float(opt.get("final_lr_ratio", 0.1))
     if not 0 <= ratio <= 1:
       raise ValueError(f"optimizer.final_lr_ratio must be in [0, 1], got {ratio}")
+    if warmup == 0:
+      return optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=ratio)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=ratio * lr)
   if schedule == "constant":
     if warmup == 0:

@@ -60,11 +60,13 @@ def sft_loss_terms(params, batch: Batch, cfg: LlamaConfig):
 
 
 def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
-  """[b, ...] -> [accum_steps, b / accum_steps, ...]. Raises ValueError if b is not divisible."""
+  """[b, ...] -> [accum_steps, b / accum_steps, ...], interleaved (microbatch i = rows i,
+  i + accum_steps, ...) so every microbatch spans all batch shards and needs no resharding.
+  Raises ValueError if b is not divisible."""
   def split(x):
     if x.shape[0] % accum_steps:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {accum_steps}")
-    return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, batch)
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llama_jax import model
@@ -415,28 +416,33 @@ def jit_step(step: Callable[..., Any], mesh: Mesh, rules: Rules, *, in_shardings
 
 
 # ---- generation layout ---------------------------------------------------------------------------
-def _identity(tree):
-  return tree
+def _cast(tree, dtype):
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 @functools.lru_cache(maxsize=64)
-def _resharder(out_shardings_flat: Tuple[NamedSharding, ...], treedef) -> Callable[[Any], Any]:
-  return jax.jit(_identity, out_shardings=jax.tree_util.tree_unflatten(treedef, out_shardings_flat))
+def _resharder(out_shardings_flat: Tuple[NamedSharding, ...], treedef, dtype) -> Callable[[Any], Any]:
+  return jax.jit(functools.partial(_cast, dtype=dtype),
+                 out_shardings=jax.tree_util.tree_unflatten(treedef, out_shardings_flat))
 
 
-def reshard(tree: Any, shardings: Any) -> Any:
+def reshard(tree: Any, shardings: Any, dtype: Any = None) -> Any:
   """Copies ``tree`` into ``shardings`` device-to-device (XLA collectives, no host round trip).
 
   A jitted identity with ``out_shardings``; works for arrays spanning several processes. (In
   jax 0.10 ``jax.device_put`` of a sharded array to a different sharding gathers it on the host
-  and fails for non-fully-addressable arrays.) The input is not donated.
+  and fails for non-fully-addressable arrays.) The input is not donated. ``dtype``, if given,
+  casts floating leaves in the same pass (e.g. bfloat16 copies for generation).
   """
   flat, treedef = jax.tree_util.tree_flatten(shardings)
-  return _resharder(tuple(flat), treedef)(tree)
+  dtype = None if dtype is None else jnp.dtype(dtype)
+  return _resharder(tuple(flat), treedef, dtype)(tree)
 
 
 def to_generation_layout(params: Any, cfg: LlamaConfig, mesh: Mesh,
-                         rules: Rules = GENERATION_RULES) -> Any:
+                         rules: Rules = GENERATION_RULES, dtype: Any = None) -> Any:
   """A copy of ``params`` laid out for sampling (tensor-parallel weights, no FSDP split).
 
   The training params are left untouched. Free the copy by dropping every reference to the
@@ -447,10 +453,14 @@ def to_generation_layout(params: Any, cfg: LlamaConfig, mesh: Mesh,
   Source: Llama 2 paper, Sec. 3.2.3 (generation under FSDP ~20x slower; consolidating the
   weights per node before generation, freeing them after, fixed it).
 
+  ``dtype`` (e.g. ``cfg.dtype = "bfloat16"``) casts the copy, halving its memory; the model
+  computes in ``cfg.dtype`` anyway, so bfloat16 weights change nothing when ``cfg.dtype`` is
+  bfloat16.
+
   Raises:
     ValueError: see ``param_shardings`` (e.g. kv heads not divisible by the tensor size).
   """
-  return reshard(params, param_shardings(cfg, mesh, rules))
+  return reshard(params, param_shardings(cfg, mesh, rules), dtype)
 
 
 # ---- multi-host ---------------------------------------------------------------------------------

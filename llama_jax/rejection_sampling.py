@@ -1,0 +1,333 @@
+"""Rejection-sampling fine-tuning: best-of-K selection, cross-iteration pooling, reward curves.
+
+Llama 2 paper, Sec. 3.2.3: sample K outputs per prompt from the latest policy, score them with the
+reward model, keep the best per prompt as the new gold standard and fine-tune on it (SFT-style).
+Choosing only among the last iteration's samples caused regressions, so later iterations
+"incorporate top-performing samples from all prior iterations": :func:`pool` keeps, per prompt,
+the best sample seen in any iteration. Figures 7 and 8 (max / median reward over N samples, max
+reward vs temperature) are computed by :func:`reward_vs_n` and :func:`reward_vs_temperature`.
+
+A sampled-set record (one JSON object per line in a JSONL file)::
+
+  {"prompt": [{"role": ..., "content": ...}, ...],   # the dialog so far (ends with a user turn)
+   "samples": [str] * K, "scores": [float] * K,       # completions and their reward scores
+   "chosen": int,                                     # index of the best sample (ties -> lowest)
+   "iteration": int, "temperature": float}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from llama_jax import sampling
+
+Record = Dict[str, Any]
+RECORD_KEYS = ("prompt", "samples", "scores", "chosen", "iteration", "temperature")
+
+
+def select_best(scores) -> np.ndarray:
+  """Index of the best sample per prompt.
+
+  Args:
+    scores: [n_prompts, K] float reward scores.
+  Returns:
+    [n_prompts] int64 argmax over K; ties go to the lowest index.
+  Raises:
+    ValueError: if ``scores`` is not 2-D with K >= 1, or holds NaN.
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 2 or scores.shape[1] == 0:
+    raise ValueError(f"scores must be [n_prompts, K] with K >= 1, got shape {scores.shape}")
+  if np.isnan(scores).any():
+    raise ValueError("scores contain NaN")
+  return np.argmax(scores, axis=1)  # numpy returns the first maximal index
+
+
+def prompt_key(prompt: Sequence[Mapping[str, str]]) -> str:
+  """Canonical string key of a dialog prompt (JSON with sorted keys) for pooling."""
+  return json.dumps([dict(m) for m in prompt], sort_keys=True, ensure_ascii=False)
+
+
+def validate_record(record: Mapping[str, Any], where: str = "record") -> Record:
+  """Check a sampled-set record's fields and types; returns it as a plain dict.
+
+  Raises:
+    ValueError: naming ``where`` and the field, on a missing/extra field, wrong type, samples and
+      scores of different lengths, an out-of-range ``chosen``, or NaN scores.
+  """
+  if not isinstance(record, Mapping):
+    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  missing = [k for k in RECORD_KEYS if k not in record]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {missing}")
+  prompt = record["prompt"]
+  if (not isinstance(prompt, list) or not prompt
+      or not all(isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                 and isinstance(m.get("content"), str) for m in prompt)):
+    raise ValueError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
+  samples, scores = record["samples"], record["scores"]
+  if not isinstance(samples, list) or not samples or not all(isinstance(s, str) for s in samples):
+    raise ValueError(f"{where}: 'samples' must be a non-empty list of strings")
+  if (not isinstance(scores, list) or len(scores) != len(samples)
+      or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+    raise ValueError(f"{where}: 'scores' must be a list of {len(samples)} numbers")
+  if any(math.isnan(s) for s in scores):
+    raise ValueError(f"{where}: 'scores' contain NaN")
+  chosen = record["chosen"]
+  if not isinstance(chosen, int) or isinstance(chosen, bool) or not 0 <= chosen < len(samples):
+    raise ValueError(f"{where}: 'chosen' must be an index in [0, {len(samples)}), got {chosen!r}")
+  if not isinstance(record["iteration"], int) or isinstance(record["iteration"], bool):
+    raise ValueError(f"{where}: 'iteration' must be an integer")
+  if not isinstance(record["temperature"], (int, float)) or isinstance(record["temperature"], bool):
+    raise ValueError(f"{where}: 'temperature' must be a number")
+  return {k: record[k] for k in RECORD_KEYS}
+
+
+def make_records(prompts: Sequence[Sequence[Mapping[str, str]]], samples: Sequence[Sequence[str]],
+                 scores, *, iteration: int, temperature: float) -> List[Record]:
+  """Sampled-set records of one iteration, with ``chosen`` from :func:`select_best`.
+
+  Args:
+    prompts: n_prompts dialogs. samples: [n_prompts][K] completions. scores: [n_prompts, K].
+    iteration: the rejection-sampling iteration (RLHF-V1 = 1, ...). temperature: sampling T.
+  Raises:
+    ValueError: on mismatched sizes.
+  """
+  scores = np.asarray(scores, np.float64)
+  if len(prompts) != len(samples) or scores.shape[0] != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts, {len(samples)} sample lists, "
+                     f"{scores.shape[0]} score rows: they must match")
+  if any(len(s) != scores.shape[1] for s in samples):
+    raise ValueError(f"every prompt needs K = {scores.shape[1]} samples")
+  best = select_best(scores)
+  return [validate_record({"prompt": [dict(m) for m in p], "samples": list(s),
+                           "scores": [float(x) for x in row], "chosen": int(c),
+                           "iteration": int(iteration), "temperature": float(temperature)})
+          for p, s, row, c in zip(prompts, samples, scores, best)]
+
+
+def best_score(record: Mapping[str, Any]) -> float:
+  """The reward of a record's chosen sample."""
+  return float(record["scores"][record["chosen"]])
+
+
+def pool(previous_pool: Mapping[str, Record], new_records: Iterable[Record]) -> Dict[str, Record]:
+  """Keep, per prompt, the best record across all iterations (Llama 2 Sec. 3.2.3).
+
+  Args:
+    previous_pool: ``prompt_key -> record`` from earlier iterations (not modified).
+    new_records: this iteration's records.
+  Returns:
+    A new dict ``prompt_key -> record``: for each prompt, the record whose chosen sample has the
+    highest score; on a tie the record already in the pool (the earlier one) stays.
+  """
+  out = dict(previous_pool)
+  for i, record in enumerate(new_records):
+    record = validate_record(record, f"new record {i}")
+    key = prompt_key(record["prompt"])
+    old = out.get(key)
+    if old is None or best_score(record) > best_score(old):
+      out[key] = record
+  return out
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> str:
+  """Write records (validated) one JSON object per line; returns the path."""
+  path = os.fspath(path)
+  with open(path, "w", encoding="utf-8") as f:
+    for i, record in enumerate(records):
+      f.write(json.dumps(validate_record(record, f"record {i}"), ensure_ascii=False) + "\n")
+  return path
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Record]:
+  """Read and validate a sampled-set JSONL file.
+
+  Raises:
+    ValueError: naming the file and line on invalid JSON or an invalid record.
+  """
+  path = os.fspath(path)
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: invalid JSON: {e}") from e
+      records.append(validate_record(obj, f"{path}:{n}"))
+  return records
+
+
+def pool_from_records(records: Iterable[Record]) -> Dict[str, Record]:
+  """A pool built from records of any number of iterations (e.g. all JSONL files so far)."""
+  return pool({}, records)
+
+
+def to_sft_records(best: Mapping[str, Record]) -> List[Dict[str, Any]]:
+  """SFT dialog records ``{"messages": prompt + [{"role": "assistant", "content": best}]}``,
+  sorted by prompt key (deterministic order)."""
+  return [{"messages": [dict(m) for m in r["prompt"]]
+           + [{"role": "assistant", "content": r["samples"][r["chosen"]]}]}
+          for _, r in sorted(best.items())]
+
+
+def _expected_order_stat(sorted_row: np.ndarray, n: int, j: int) -> float:
+  """E[j-th smallest (1-based) of a uniformly random n-subset] of the ascending ``sorted_row``.
+
+  P(the i-th smallest of K (1-based) is the j-th smallest of the subset) =
+  C(i-1, j-1) C(K-i, n-j) / C(K, n).
+  """
+  k = len(sorted_row)
+  total = math.comb(k, n)
+  return sum(sorted_row[i - 1] * math.comb(i - 1, j - 1) * math.comb(k - i, n - j)
+             for i in range(1, k + 1)) / total
+
+
+def reward_vs_n(scores, ns: Optional[Sequence[int]] = None,
+                estimator: str = "first") -> Dict[str, list]:
+  """Max and median reward among N samples (Llama 2 Fig. 7), averaged over prompts.
+
+  Two estimators of "the max (median) reward among N samples of a prompt":
+    * ``"first"``: the max (median) of the first N of the K samples (samples are i.i.d., so this is
+      an unbiased single draw per prompt); the curve is the mean over prompts.
+    * ``"subsets"``: the exact expectation over all C(K, N) N-subsets of the K samples (order
+      statistics; lower variance); median of an even N is the mean of the two middle values.
+
+  Args:
+    scores: [n_prompts, K] float rewards.
+    ns: the N values (each in 1..K); default 1..K.
+    estimator: "first" or "subsets".
+  Returns:
+    ``{"n": [N...], "max": [float...], "median": [float...]}``.
+  Raises:
+    ValueError: on a bad shape, N outside 1..K, or an unknown estimator.
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 2 or scores.shape[1] == 0 or scores.shape[0] == 0:
+    raise ValueError(f"scores must be [n_prompts, K] with both > 0, got shape {scores.shape}")
+  k = scores.shape[1]
+  ns = list(range(1, k + 1)) if ns is None else [int(n) for n in ns]
+  if any(not 1 <= n <= k for n in ns):
+    raise ValueError(f"every N must be in 1..K={k}, got {ns}")
+  if estimator not in ("first", "subsets"):
+    raise ValueError(f"estimator must be 'first' or 'subsets', got {estimator!r}")
+  out = {"n": ns, "max": [], "median": []}
+  srt = np.sort(scores, axis=1)
+  for n in ns:
+    if estimator == "first":
+      out["max"].append(float(np.mean(np.max(scores[:, :n], axis=1))))
+      out["median"].append(float(np.mean(np.median(scores[:, :n], axis=1))))
+    else:
+      mx = [_expected_order_stat(row, n, n) for row in srt]
+      lo, hi = (n + 1) // 2, n // 2 + 1
+      med = [0.5 * (_expected_order_stat(row, n, lo) + _expected_order_stat(row, n, hi))
+             if n % 2 == 0 else _expected_order_stat(row, n, lo) for row in srt]
+      out["max"].append(float(np.mean(mx)))
+      out["median"].append(float(np.mean(med)))
+  return out
+
+
+def reward_vs_temperature(scores_by_temperature: Mapping[float, Any], n: Optional[int] = None,
+                          estimator: str = "first") -> Dict[str, list]:
+  """Max reward among N samples as a function of the sampling temperature (Llama 2 Fig. 8).
+
+  Args:
+    scores_by_temperature: ``T -> [n_prompts, K]`` scores sampled at temperature T.
+    n: N (default K of each matrix). estimator: as in :func:`reward_vs_n`.
+  Returns:
+    ``{"temperature": [T...] ascending, "max": [float...]}``.
+  """
+  temps = sorted(float(t) for t in scores_by_temperature)
+  lookup = {float(t): s for t, s in scores_by_temperature.items()}
+  maxes = []
+  for t in temps:
+    s = np.asarray(lookup[t])
+    maxes.append(reward_vs_n(s, [n or s.shape[1]], estimator)["max"][0])
+  return {"temperature": temps, "max": maxes}
+
+
+def plot_reward_vs_n(curves: Mapping[str, Mapping[str, list]], out_png: str | os.PathLike) -> str:
+  """Fig. 7-style plot: max (solid) and median (dashed) reward vs N, one colour per label
+  (e.g. per iteration). ``curves``: label -> :func:`reward_vs_n` output. Returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for i, (label, c) in enumerate(curves.items()):
+    color = f"C{i}"
+    ax.plot(c["n"], c["max"], "-o", color=color, ms=3, label=f"{label} max")
+    ax.plot(c["n"], c["median"], "--", color=color, label=f"{label} median")
+  ax.set_xscale("log")
+  ax.set_xlabel("N samples")
+  ax.set_ylabel("reward score")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.fspath(out_png), dpi=120)
+  plt.close(fig)
+  return os.fspath(out_png)
+
+
+def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
+                               out_png: str | os.PathLike) -> str:
+  """Fig. 8-style plot: max reward vs temperature, one line per label (model / iteration).
+  ``curves``: label -> :func:`reward_vs_temperature` output. Returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, c in curves.items():
+    ax.plot(c["temperature"], c["max"], "-o", ms=3, label=label)
+  ax.set_xlabel("temperature")
+  ax.set_ylabel("max reward among N samples")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.fspath(out_png), dpi=120)
+  plt.close(fig)
+  return os.fspath(out_png)
+
+
+def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], k: int,
+             key: jax.Array, temperature: float, max_new_tokens: int, *, top_p: float = 1.0,
+             pad_to_multiple: int = 16) -> List[List[str]]:
+  """K sampled completions per dialog prompt (prompts repeated K times in one batch).
+
+  Row ``i * K + j`` of the batch is sample ``j`` of prompt ``i``; generation is
+  :func:`llama_jax.sampling.generate` (jitted ``sampling.sample``), so a fixed ``key`` reproduces
+  the same samples. Completions are decoded up to (without) EOS and stripped.
+
+  Args:
+    params, cfg: the policy. tokenizer: ``llama_jax.tokenizer.Tokenizer`` (chat format).
+    prompts: dialogs ending with a user turn. k: samples per prompt (K >= 1).
+    key: PRNG key. temperature: > 0. max_new_tokens: per completion.
+    top_p: nucleus filter. pad_to_multiple: prompt padding granularity (fewer recompiles).
+  Returns:
+    [n_prompts][K] decoded strings.
+  Raises:
+    ValueError: if ``k`` < 1, ``temperature`` <= 0 or ``prompts`` is empty.
+  """
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0 for rejection sampling, got {temperature}")
+  if not prompts:
+    raise ValueError("prompts is empty")
+  ids = [tokenizer.encode_dialog(list(p))[0].tolist() for p in prompts]
+  repeated = [x for x in ids for _ in range(k)]
+  out = sampling.generate(params, cfg, repeated, key, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id,
+                          pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
+  tokens, lengths, finished = (np.asarray(out.tokens), np.asarray(out.lengths),
+                               np.asarray(out.finished))
+  texts = []
+  for row in range(len(repeated)):
+    n = int(lengths[row]) - int(finished[row])  # drop the EOS
+    texts.append(tokenizer.decode(tokens[row, :n].tolist()).strip())
+  return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
