@@ -172,4 +172,102 @@ def get_config() -> ml_collections.ConfigDict:
   c.reward.world_heldout_pairs = 400
   # Held-out pairs per source scored at each evaluation (0 = all).
   c.reward.eval_pairs = 0
+
+  # ---- rejection sampling (stage "rejection_sampling"; llama_jax.rs_run, Llama 2 Sec. 3.2.3) ---
+  c.rejection_sampling = ml_collections.ConfigDict()
+  # Reward models (reward.save_reward_model directories, e.g. <rm workdir>/final). The safety RM
+  # may be "" (then Rc = Rh).
+  c.rejection_sampling.help_rm = ""
+  c.rejection_sampling.safety_rm = ""
+  # Checkpoint to sample from ("" = the policy in init_from); set it to a larger model's final/
+  # to distil its best samples into the init_from policy (same tokenizer required).
+  c.rejection_sampling.sample_from = ""
+  # This iteration's number (RLHF-V<iteration>), recorded in every sampled record.
+  c.rejection_sampling.iteration = 1
+  # Sampled-set JSONL files of earlier iterations, comma-separated: their best samples are pooled
+  # with this iteration's (the paper: choosing among the last iteration only caused regressions).
+  c.rejection_sampling.pool_from = ""
+  # Prompts sampled per iteration (world: from the train split; files: the prompt builders').
+  c.rejection_sampling.num_prompts = 512
+  # Samples per prompt (K) and their sampling settings.
+  c.rejection_sampling.k = 8
+  c.rejection_sampling.temperature = 1.0
+  c.rejection_sampling.top_p = 1.0
+  c.rejection_sampling.max_new_tokens = 64
+  # Longest prompt in tokens (longer prompts are skipped, counted in data_stats.json).
+  c.rejection_sampling.max_prompt_len = 192
+  # Prompts per generation batch (each expands to batch_size * k rows).
+  c.rejection_sampling.batch_size = 16
+  # Rs cut of the combined reward (Llama 2: 0.15).
+  c.rejection_sampling.safety_threshold = 0.15
+  # Fine-tuning on the pooled best samples (the SFT step): optimizer steps (0 = num_epochs
+  # passes), epochs, peak LR (cosine to 10%, data.batch_size sequences of data.max_seq_len).
+  c.rejection_sampling.num_steps = 0
+  c.rejection_sampling.num_epochs = 1.0
+  c.rejection_sampling.lr = 1e-5
+  # Figures 7/8: prompts sampled for the reward-vs-temperature curve (0 = skip it), the
+  # temperatures, and K of those samples.
+  c.rejection_sampling.plot_prompts = 32
+  c.rejection_sampling.plot_temperatures = "0.6,0.8,1.0,1.2,1.4"
+  c.rejection_sampling.plot_k = 8
+
+  # ---- PPO (stage "ppo"; llama_jax.ppo_run, Llama 2 Sec. 3.2.3, Huang et al. 2024) --------------
+  c.ppo = ml_collections.ConfigDict()
+  # Frozen reward models (reward model directories); safety_rm "" = Rc = Rh.
+  c.ppo.help_rm = ""
+  c.ppo.safety_rm = ""
+  # Value model initialization ("" = help_rm, as Huang et al. 2024).
+  c.ppo.value_from = ""
+  # PPO iterations (paper: 200-400, with early stopping).
+  c.ppo.num_iterations = 200
+  # Prompts (rollouts) per iteration and per gradient step (paper: 512 and 64).
+  c.ppo.batch_size = 512
+  c.ppo.minibatch_size = 64
+  # Passes over each rollout batch (paper: one gradient step per minibatch).
+  c.ppo.epochs = 1
+  # KL coefficient (paper: 0.01 for 7B/13B, 0.005 for 34B/70B) and estimator k1 | k2 | k3.
+  c.ppo.beta = 0.01
+  c.ppo.kl_estimator = "k1"
+  c.ppo.clip_eps = 0.2
+  c.ppo.value_clip = 0.2
+  c.ppo.gamma = 1.0
+  c.ppo.lam = 0.95
+  # Rollout sampling: temperature (also divides the logits of every log-prob), budget.
+  c.ppo.temperature = 1.0
+  c.ppo.max_new_tokens = 64
+  c.ppo.max_prompt_len = 192
+  # EOS trick: whitened score of a completion without EOS (None = off).
+  c.ppo.eos_penalty = -1.0
+  c.ppo.safety_threshold = 0.15
+  # Optimizer (policy and value alike): constant LR 1e-6 (paper); b1/b2/eps/weight decay/clip
+  # come from c.optimizer (0.9, 0.95, 1e-5, 0.1, 1.0).
+  c.ppo.lr = 1e-6
+  c.ppo.value_lr = 1e-6
+  # Training prompts: world: this many train-split prompts; file sources: this many of the
+  # sources' train prompts (0 = all).
+  c.ppo.num_prompts = 4096
+  # Held-out evaluation every N iterations on eval_prompts prompts (greedy), and early stopping
+  # after `patience` evaluations without improvement of the mean combined reward (0 = never stop).
+  c.ppo.eval_every = 10
+  c.ppo.eval_prompts = 64
+  c.ppo.patience = 3
+  # Save a checkpoint every N iterations (the last one and SIGTERM always save).
+  c.ppo.checkpoint_every = 10
+
+  # ---- pipeline (stage "pipeline"; llama_jax.pipeline): SFT -> RMs -> RS x k -> PPO ------------
+  c.pipeline = ml_collections.ConfigDict()
+  # Rejection-sampling iterations (RLHF-V1..Vk) before PPO (0 = none).
+  c.pipeline.rs_iterations = 2
+  # Run PPO on top of the last rejection-sampled checkpoint.
+  c.pipeline.ppo = True
+  # Reward-model stages: sources / weights of each (c.reward's other fields apply to both).
+  c.pipeline.help_sources = "world_helpfulness,world_safety"
+  c.pipeline.help_weights = "1,1"
+  c.pipeline.safety_sources = "world_safety,world_helpfulness"
+  c.pipeline.safety_weights = "0.9,0.1"
+  # Optimizer / length of the reward stages (the SFT settings above are the SFT stage's).
+  c.pipeline.reward_lr = 1e-5
+  c.pipeline.reward_num_epochs = 1.0
+  c.pipeline.reward_num_steps = 0
+  c.pipeline.reward_warmup_frac = 0.03
   return c

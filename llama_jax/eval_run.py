@@ -42,10 +42,14 @@ def load_stage(workdir: str):
 
 def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   """Evaluate ``workdir``; returns the dict written to ``<workdir>/eval/eval.json`` (a reward
-  workdir: ``llama_jax.reward_eval.run``, written to ``<workdir>/eval/reward_eval.json``)."""
+  workdir: ``llama_jax.reward_eval.run``, written to ``<workdir>/eval/reward_eval.json``; a
+  pipeline workdir: ``llama_jax.policy_eval.run``, the SFT / RS / PPO comparison)."""
   if _stage_of(workdir) == "reward":
     from llama_jax import reward_eval  # pylint: disable=import-outside-toplevel
     return reward_eval.run(workdir)
+  if _stage_of(workdir) == "pipeline":
+    from llama_jax import policy_eval  # pylint: disable=import-outside-toplevel
+    return policy_eval.run(workdir, num_prompts)
   config, tokenizer, cfg, params = load_stage(workdir)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)

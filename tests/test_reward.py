@@ -1,0 +1,210 @@
+"""Reward model: ranking loss with margins, last-token reward under padding, gradients, save/load."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.sharding import PartitionSpec as P
+
+import llama_jax as lj
+from llama_jax import optim, reward, sft
+from llama_jax.data.sources import RATINGS
+from llama_jax.model import forward
+
+CFG = lj.LlamaConfig.tiny(vocab_size=64, dim=32, n_heads=2, n_kv_heads=1, multiple_of=16)
+T = 12
+OPT = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip=1.0, schedule="cosine",
+           warmup_steps=0, warmup_frac=0.0, final_lr_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def params():
+  llama = lj.init_params(CFG, jax.random.key(0))
+  return reward.init_reward_params(llama, jax.random.key(1))
+
+
+def _np_bt(diff):
+  return np.log1p(np.exp(-diff))  # -log sigmoid(diff), the loop-free NumPy reference
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _hidden(trunk, tokens, cfg):
+  return forward(trunk, tokens, cfg, return_hidden=True)
+
+
+def _ref_rewards(params, rows):
+  """Reference: each row alone at positions 0..n-1 (plain causal forward, no mask, no segments;
+  filler after the row cannot reach it), the head applied in NumPy at its last token."""
+  trunk = {k: v for k, v in params.items() if k != "head"}
+  tokens = np.full((len(rows), T), 5, np.int32)
+  for i, ids in enumerate(rows):
+    tokens[i, :len(ids)] = ids
+  hidden = np.asarray(_hidden(trunk, tokens, CFG))
+  w, b = np.asarray(params["head"]["weight"]), float(params["head"]["bias"])
+  return np.array([hidden[i, len(ids) - 1] @ w + b for i, ids in enumerate(rows)])
+
+
+def _pad(ids, side, t=T, pad=0):
+  n = len(ids)
+  tokens, mask = np.full(t, pad, np.int32), np.zeros(t, bool)
+  sl = slice(0, n) if side == "right" else slice(t - n, t)
+  tokens[sl], mask[sl] = ids, True
+  return tokens, mask
+
+
+def test_margin_tables_are_paper_table_27():
+  assert RATINGS[0] == "significantly_better" and RATINGS[3] == "negligibly_better_or_unsure"
+  np.testing.assert_allclose(reward.MARGINS["small"], [1.0, 2 / 3, 1 / 3, 0.0])
+  np.testing.assert_allclose(reward.MARGINS["large"], [3.0, 2.0, 1.0, 0.0])
+  np.testing.assert_allclose(reward.MARGINS["none"], [0.0, 0.0, 0.0, 0.0])
+  with pytest.raises(ValueError, match="margin table"):
+    reward.margin_values(np.zeros(2, np.int32), "medium")
+
+
+def test_ranking_loss_against_numpy_and_margins():
+  rng = np.random.default_rng(0)
+  rc, rr = rng.normal(size=40).astype(np.float32) * 3, rng.normal(size=40).astype(np.float32) * 3
+  rating = rng.integers(-1, 4, size=40).astype(np.int32)
+  plain = np.asarray(reward.ranking_loss(rc, rr, reward.margin_values(rating, "none")))
+  np.testing.assert_allclose(plain, _np_bt(rc - rr), rtol=1e-5, atol=1e-6)
+  table = {"small": [1.0, 2 / 3, 1 / 3, 0.0], "large": [3.0, 2.0, 1.0, 0.0]}
+  for name, values in table.items():
+    m = np.array([values[k] if k >= 0 else 0.0 for k in rating])
+    got = np.asarray(reward.ranking_loss(rc, rr, reward.margin_values(rating, name)))
+    np.testing.assert_allclose(got, _np_bt(rc - rr - m), rtol=1e-5, atol=1e-6)
+    # A positive margin raises the loss of every pair it applies to; none elsewhere.
+    assert np.all(got[m > 0] > plain[m > 0]) and np.allclose(got[m == 0], plain[m == 0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, T), min_size=1, max_size=6), st.sampled_from(["left", "right"]))
+def test_last_token_index_property(lengths, side):
+  mask = np.stack([_pad(np.ones(n, np.int32), side)[1] for n in lengths])
+  want = [max(i for i in range(T) if row[i]) if row.any() else 0 for row in mask]
+  np.testing.assert_array_equal(np.asarray(reward.last_token_index(mask)), want)
+
+
+_score = jax.jit(reward.score, static_argnums=1)
+_score_prob = jax.jit(functools.partial(reward.score, probability=True), static_argnums=1)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.integers(1, T), min_size=3, max_size=3), st.integers(0, 2**16))
+def test_score_reads_last_real_token_under_left_and_right_padding(params, lengths, seed):
+  rng = np.random.default_rng(seed)
+  rows = [rng.integers(3, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+  want = _ref_rewards(params, rows)
+  for side in ("left", "right"):
+    tokens, mask = map(np.stack, zip(*[_pad(ids, side, pad=int(rng.integers(64))) for ids in rows]))
+    got = np.asarray(_score(params, CFG, tokens, mask))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  prob = np.asarray(_score_prob(params, CFG, tokens, mask))
+  np.testing.assert_allclose(prob, 1 / (1 + np.exp(-want)), rtol=1e-4, atol=1e-5)
+
+
+def _pair_batch(rng, side="right", pad_token=None):
+  """4 pairs; padding holds ``pad_token``, or random tokens when None (drawn from another RNG,
+  so the real tokens depend on ``rng`` alone)."""
+  noise = np.random.default_rng(99)
+  rows = {}
+  for key in ("chosen", "rejected"):
+    lens = rng.integers(2, T + 1, 4)
+    toks, masks = [], []
+    for n in lens:
+      tok, mask = _pad(rng.integers(3, 64, n), side, pad=0)
+      tok[~mask] = noise.integers(3, 64, (~mask).sum()) if pad_token is None else pad_token
+      toks.append(tok)
+      masks.append(mask)
+    rows[f"{key}_tokens"], rows[f"{key}_mask"] = np.stack(toks), np.stack(masks)
+  rows["rating"] = np.array([0, 1, 3, -1], np.int32)
+  rows["safety_label"] = np.array([0, -1, 2, 1], np.int32)
+  return rows
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_no_gradient_flows_from_padding(params, side):
+  loss = lambda p, b: reward._loss_terms(p, b, CFG, "small")[0]  # pylint: disable=protected-access
+  grad = jax.jit(jax.grad(loss))
+  a = _pair_batch(np.random.default_rng(3), side, pad_token=0)
+  b = _pair_batch(np.random.default_rng(3), side)  # same real tokens, random tokens in the padding
+  assert not np.array_equal(a["chosen_tokens"], b["chosen_tokens"])
+  ga, gb = grad(params, a), grad(params, b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
+  assert float(jnp.abs(ga["head"]["weight"]).sum()) > 0
+
+
+def test_train_and_eval_metrics_against_numpy(params):
+  batch = _pair_batch(np.random.default_rng(5))
+  refs = {k: _ref_rewards(params, [t[m] for t, m in zip(batch[f"{k}_tokens"], batch[f"{k}_mask"])])
+          for k in ("chosen", "rejected")}
+  margin = np.array([1.0, 2 / 3, 0.0, 0.0])  # "small" for ratings 0, 1, 3, none
+  want_loss = _np_bt(refs["chosen"] - refs["rejected"] - margin)
+  correct = refs["chosen"] > refs["rejected"]
+  out = jax.device_get(jax.jit(functools.partial(reward.eval_step, cfg=CFG, margin="small"))(
+      params, batch))
+  np.testing.assert_allclose(out["loss_sum"], want_loss.sum(), rtol=1e-4)
+  assert out["pairs"] == 4 and out["correct"] == correct.sum()
+  np.testing.assert_array_equal(out["pairs_by_rating"], [1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(out["correct_by_rating"], correct[[0, 1, 0, 2, 3]] * [1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(out["correct_by_label"], correct[[0, 3, 2, 1]])
+  opt = optim.make_optimizer(OPT, 10)
+  state = sft.init_train_state(params, opt, seed=0)
+  step = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, margin="small"))
+  new, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics["loss"], want_loss.mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["accuracy"], correct.mean())
+  np.testing.assert_allclose(metrics["reward_chosen"], refs["chosen"].mean(), rtol=1e-4, atol=1e-5)
+  assert float(metrics["skipped"]) == 0 and int(new.step) == 1
+
+
+def test_gradient_accumulation_and_empty_batches(params):
+  opt = optim.make_optimizer(OPT, 10)
+  state = sft.init_train_state(params, opt, seed=0)
+  batch = _pair_batch(np.random.default_rng(7))
+  batch["chosen_mask"][3] = False  # an empty pair: excluded from the loss
+  one = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, accum_steps=1))
+  two = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, accum_steps=2))
+  s1, m1 = one(state, batch)
+  s2, m2 = two(state, batch)
+  assert float(m1["pairs"]) == 3
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
+  empty = dict(batch, chosen_mask=np.zeros_like(batch["chosen_mask"]))
+  s3, m3 = one(state, empty)
+  assert float(m3["skipped"]) == 1 and np.isfinite(float(m3["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, s3.params, state.params)
+
+
+def test_params_tree_shardings_and_token_scores(params):
+  assert "output" not in params and params["head"]["weight"].shape == (CFG.dim,)
+  assert params["head"]["bias"].shape == () and params["head"]["weight"].dtype == jnp.float32
+  assert reward.head_logical_axes() == {"weight": P("embed"), "bias": P()}
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+  sh = reward.reward_param_shardings(CFG, mesh)
+  assert sh["head"]["weight"].spec == P("fsdp") and sh["head"]["bias"].spec == P()
+  assert "output" not in sh and sh["layers"]["attention"]["wq"].spec == P(None, "fsdp", "tensor", None)
+  tokens = np.random.default_rng(0).integers(3, 64, (2, T)).astype(np.int32)
+  scores = np.asarray(reward.token_scores(params, CFG, tokens))
+  assert scores.shape == (2, T) and scores.dtype == np.float32
+  assert abs(scores[1, -1] - _ref_rewards(params, [tokens[1]])[0]) < 2e-4
+  with pytest.raises(ValueError, match="Llama params"):
+    reward.init_reward_params({"tok_embeddings": 0}, jax.random.key(0))
+
+
+def test_save_load_roundtrip(params, tmp_path):
+  reward.save_reward_model(str(tmp_path / "rm"), CFG, params)
+  cfg, loaded = reward.load_reward_model(str(tmp_path / "rm"))
+  assert cfg == CFG.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+  with pytest.raises(FileExistsError):
+    reward.save_reward_model(str(tmp_path / "rm"), CFG, params)
+  with pytest.raises(FileNotFoundError, match="not a reward model"):
+    reward.load_reward_model(str(tmp_path))
+  bad = dict(params, head={"weight": np.zeros(CFG.dim + 1, np.float32), "bias": np.float32(0)})
+  with pytest.raises(ValueError, match="head"):
+    reward.save_reward_model(str(tmp_path / "bad"), CFG, bad)
