@@ -16,83 +16,21 @@ To train on your own curated SFT dialogs instead of the public stand-ins below, 
 README; several sources mix by ``data.sft_weights``).
 """
 
-from configs import base
+from configs import sft_7b
 
 
 def get_config():
-  c = base.get_config()
-  # Stage: supervised fine-tuning (llama_jax.sft_run).
-  c.stage = "sft"
-  # Start from the pretrained base model (an orbax params directory written by
-  # `python -m llama_jax.convert --to orbax`); "" would train from random init.
-  c.init_from = ""
-
-  # ---- model ----
+  # The paper's SFT settings (optimizer, data, batch 64 x 4096, 2 epochs) as configs/sft_7b.py.
+  c = sft_7b.get_config()
   # Llama 2 13B (dim 5120, 40 layers, 40 heads, no GQA, ffn 13824).
   c.model.preset = "llama2_13b"
-  # Compute in bfloat16 (activations, matmuls); the f32 master params below keep AdamW exact.
-  c.model.dtype = "bfloat16"
-  # Parameters (and so optimizer moments) in float32.
-  c.model.param_dtype = "float32"
-  # Scan over the 80 layers: compile one layer, and remat saves only the scan carry per layer.
-  c.model.scan_layers = True
   # Full per-layer activation checkpointing. Measured on (1, 16, 1), XLA:CPU: full 32.2 GiB,
   # minimal 61.6 GiB per device (fits, but with too little headroom for XLA:GPU's differences).
   c.model.remat = "full"
-  # cuDNN flash attention on GPU when available (XLA's materialized scores elsewhere).
-  c.model.attention_impl = "auto"
-
-  # ---- tokenizer ----
-  # The real Llama 2 SentencePiece model (32000 pieces).
-  c.tokenizer.path = "../shared/data/llama2-tokenizer/tokenizer.model"
-
-  # ---- data ----
-  # Public stand-ins for the paper's ~27.5k curated annotations: HH-RLHF chosen dialogs and the
-  # Self-Instruct seed tasks. Use "jsonl" + data.sft_jsonl_path for your curated data.
-  c.data.sft_sources = "hh_rlhf,self_instruct"
-  # Mix proportionally to source sizes.
-  c.data.sft_weights = ""
-  # Pack prompt + answer to the paper's 4096-token sequences.
-  c.data.max_seq_len = 4096
-  # The paper's batch of 64 sequences (global, across all processes).
-  c.data.batch_size = 64
-
-  # ---- optimizer (paper Sec. 3.1 + the base optimizer of Sec. 2.2) ----
-  # Cosine from a peak LR of 2e-5 ...
-  c.optimizer.lr = 2e-5
-  c.optimizer.schedule = "cosine"
-  # ... down to 10% of the peak at the last step.
-  c.optimizer.final_lr_ratio = 0.1
-  # AdamW moments and epsilon.
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-5
-  # Decoupled weight decay 0.1 (matrices and embeddings, not RMSNorm scales).
-  c.optimizer.weight_decay = 0.1
-  # Gradient clipping at global norm 1.0.
-  c.optimizer.grad_clip = 1.0
-  # No warmup is given for SFT in the paper.
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_frac = 0.0
-
-  # ---- training loop ----
-  # Two epochs over the SFT set (steps derived from the packed token count).
-  c.train.num_epochs = 2.0
-  c.train.num_steps = 0
   # Batch 64 over 16 devices is 4 sequences per device; 4 microbatches keep one 4096-token
   # sequence per device at a time (microbatch 64 / 4 = 16, divisible by data x fsdp = 16).
   c.train.grad_accum_steps = 4
-  # Log every 10 steps; evaluate held-out loss every 100; checkpoint every 100 steps.
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
-  # Keep the two latest checkpoints (each ~156 GB of f32 params + AdamW moments).
-  c.train.keep_checkpoints = 2
-
-  # ---- mesh ----
   # Two nodes of 8 GPUs, all FSDP (ZeRO-3): f32 params + AdamW moments = 12 B x 13B / 16 =
-  # 9.1 GiB per device. dim 5120 is divisible by 16.
+  # 9.1 GiB per device (checkpoints ~156 GB each). dim 5120 is divisible by 16.
   c.mesh.shape = (1, 16, 1)
-  # A100 / H100 80 GB.
-  c.mesh.device_memory_gib = 80.0
   return c

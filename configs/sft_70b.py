@@ -16,88 +16,27 @@ To train on your own curated SFT dialogs instead of the public stand-ins below, 
 README; several sources mix by ``data.sft_weights``).
 """
 
-from configs import base
+from configs import sft_7b
 
 
 def get_config():
-  c = base.get_config()
-  # Stage: supervised fine-tuning (llama_jax.sft_run).
-  c.stage = "sft"
-  # Start from the pretrained base model (an orbax params directory written by
-  # `python -m llama_jax.convert --to orbax`); "" would train from random init.
-  c.init_from = ""
-
-  # ---- model ----
+  # The paper's SFT settings (optimizer, data, batch 64 x 4096, 2 epochs) as configs/sft_7b.py.
+  c = sft_7b.get_config()
   # Llama 2 70B shapes (dim 8192, 80 layers, 64 heads, 8 KV heads, ffn 28672).
   c.model.preset = "llama2_70b"
-  # Compute in bfloat16 (activations, matmuls); the f32 master params below keep AdamW exact.
-  c.model.dtype = "bfloat16"
-  # Parameters (and so optimizer moments) in float32.
-  c.model.param_dtype = "float32"
-  # Scan over the 80 layers: compile one layer, and remat saves only the scan carry per layer.
-  c.model.scan_layers = True
   # Full per-layer activation checkpointing: keep only each layer's input [b, t, d] and recompute
   # the layer in the backward pass. Measured plan on (1, 8, 8): 38 GiB per device (full) on
   # XLA:CPU; at t=4096 the saved activations of 80 layers without remat do not fit in 80 GB.
   c.model.remat = "full"
-  # cuDNN flash attention on GPU when available (XLA's materialized scores elsewhere).
-  c.model.attention_impl = "auto"
-
-  # ---- tokenizer ----
-  # The real Llama 2 SentencePiece model (32000 pieces).
-  c.tokenizer.path = "../shared/data/llama2-tokenizer/tokenizer.model"
-
-  # ---- data ----
-  # Public stand-ins for the paper's ~27.5k curated annotations: HH-RLHF chosen dialogs and the
-  # Self-Instruct seed tasks. Use "jsonl" + data.sft_jsonl_path for your curated data.
-  c.data.sft_sources = "hh_rlhf,self_instruct"
-  # Mix proportionally to source sizes.
-  c.data.sft_weights = ""
-  # Pack prompt + answer to the paper's 4096-token sequences.
-  c.data.max_seq_len = 4096
-  # The paper's batch of 64 sequences (global, across all processes).
-  c.data.batch_size = 64
-
-  # ---- optimizer (paper Sec. 3.1 + the base optimizer of Sec. 2.2) ----
-  # Cosine from a peak LR of 2e-5 ...
-  c.optimizer.lr = 2e-5
-  c.optimizer.schedule = "cosine"
-  # ... down to 10% of the peak at the last step.
-  c.optimizer.final_lr_ratio = 0.1
-  # AdamW moments and epsilon.
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-5
-  # Decoupled weight decay 0.1 (matrices and embeddings, not RMSNorm scales).
-  c.optimizer.weight_decay = 0.1
-  # Gradient clipping at global norm 1.0.
-  c.optimizer.grad_clip = 1.0
-  # No warmup is given for SFT in the paper.
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_frac = 0.0
-
-  # ---- training loop ----
-  # Two epochs over the SFT set (steps derived from the packed token count).
-  c.train.num_epochs = 2.0
-  c.train.num_steps = 0
   # Batch 64 is split over data x fsdp = 8 ways (8 sequences per device); 8 microbatches keep one
   # 4096-token sequence per device at a time (the microbatch 64 / 8 = 8 stays divisible by 8).
   c.train.grad_accum_steps = 8
-  # Log every 10 steps; evaluate held-out loss every 100; checkpoint every 100 steps.
-  c.train.log_every = 10
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
-  # Keep the two latest checkpoints (each ~830 GB of f32 params + AdamW moments).
-  c.train.keep_checkpoints = 2
-
-  # ---- mesh ----
   # 8 nodes x 8 GPUs: tensor parallel (Megatron) over the 8 GPUs of a node (NVLink), FSDP
-  # (ZeRO-3) over the 8 nodes. f32 params + AdamW moments = 12 B x 69B / 64 = 12 GiB per device.
-  # Compared with (1, 64, 1) (pure FSDP, also fits: 48.8 GiB measured), each device all-gathers
-  # 1/8 of a layer's weights across nodes instead of the whole layer (8x less inter-node traffic),
-  # and attention / MLP activations are split 8 ways (38.2 GiB measured, more headroom for
-  # XLA:GPU's differences). kv heads (8), heads (64), ffn (28672) and vocab (32000) divide 8.
+  # (ZeRO-3) over the 8 nodes. f32 params + AdamW moments = 12 B x 69B / 64 = 12 GiB per device
+  # (checkpoints ~830 GB each). Compared with (1, 64, 1) (pure FSDP, also fits: 48.8 GiB
+  # measured), each device all-gathers 1/8 of a layer's weights across nodes instead of the whole
+  # layer (8x less inter-node traffic), and attention / MLP activations are split 8 ways (38.2 GiB
+  # measured, more headroom for XLA:GPU's differences). kv heads (8), heads (64), ffn (28672) and
+  # vocab (32000) divide 8.
   c.mesh.shape = (1, 8, 8)
-  # A100 / H100 80 GB.
-  c.mesh.device_memory_gib = 80.0
   return c
