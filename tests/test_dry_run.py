@@ -63,7 +63,8 @@ def plans():
   """stdout of the tiny (8 devices, an impossible 1 MiB memory limit) and the 70B (64 devices)
   dry runs, run in parallel."""
   procs = {
-      "tiny": _run_dry(8, "--config=configs/tiny.py", "--config.mesh.device_memory_gib=0.001"),
+      "tiny": _run_dry(8, "--config=configs/tiny.py", "--config.stage=sft",
+                       "--config.mesh.device_memory_gib=0.001"),
       "70b": _run_dry(64, "--config=configs/sft_70b.py"),
   }
   out = {}

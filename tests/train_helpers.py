@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A small, fast SFT run on the synthetic world (seconds per step budget: tiny).
 TINY_FLAGS = (
-    "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
+    "--config.stage=sft", "--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
     "--config.model.n_kv_heads=2", "--config.model.multiple_of=16",
     "--config.data.world_sft_examples=300", "--config.data.world_heldout_prompts=20",
     "--config.data.max_seq_len=128", "--config.data.batch_size=8",
