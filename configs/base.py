@@ -205,6 +205,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rejection_sampling.num_steps = 0
   c.rejection_sampling.num_epochs = 1.0
   c.rejection_sampling.lr = 1e-5
+  # Warmup of the fine-tuning LR as a share of its steps (the SFT warmup_steps do not apply).
+  c.rejection_sampling.warmup_frac = 0.0
   # Figures 7/8: prompts sampled for the reward-vs-temperature curve (0 = skip it), the
   # temperatures, and K of those samples.
   c.rejection_sampling.plot_prompts = 32

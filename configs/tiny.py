@@ -1,6 +1,10 @@
-"""The embedded default: SFT of a tiny Llama on the synthetic assistant world (no downloads).
+"""The embedded default: the whole Llama-2-Chat pipeline of a tiny Llama on the synthetic
+assistant world (no downloads): SFT -> helpfulness and safety RMs -> 2 rejection-sampling
+iterations -> PPO, in ``<workdir>/{sft,rm_helpfulness,rm_safety,rs_1,rs_2,ppo}``.
 
-``python train.py --config=configs/tiny.py`` runs in a few minutes on 2 CPU cores.
+``python train.py --config=configs/tiny.py`` runs it (under 20 minutes on 2 CPU cores);
+``--config.stage=sft`` runs the SFT stage alone. ``python eval.py --workdir=<workdir>`` compares
+the SFT, rejection-sampled and PPO policies.
 """
 
 from configs import base
@@ -8,7 +12,8 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.stage = "sft"
+  # The whole recipe (llama_jax.pipeline); the SFT settings below are its first stage's.
+  c.stage = "pipeline"
   # A tiny GQA Llama; vocab_size comes from the world tokenizer (512 pieces).
   c.model.preset = "tiny"
   c.model.dim = 128
@@ -26,10 +31,50 @@ def get_config():
   # Tiny models need a far larger LR than the paper's 2e-5 for 7B-70B.
   c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 20
-  c.train.num_epochs = 3.0
+  c.train.num_epochs = 8.0
   c.train.log_every = 10
   c.train.eval_every = 0
   c.train.checkpoint_every = 100
   c.eval.num_samples = 8
   c.mesh.shape = (1, -1, 1)
+
+  # ---- pipeline stages after SFT (stage "pipeline") --------------------------------------------
+  c.pipeline.rs_iterations = 2
+  c.pipeline.ppo = True
+  # Reward models as configs/reward_tiny.py: one epoch over 1,600 primary pairs, batch 16 pairs.
+  c.reward.batch_size = 16
+  c.reward.max_seq_len = 104
+  c.reward.margin = "small"
+  c.reward.world_train_pairs = 1600
+  c.reward.world_heldout_pairs = 400
+  c.pipeline.reward_lr = 3e-4
+  c.pipeline.reward_num_epochs = 2.0
+  c.pipeline.reward_warmup_frac = 0.03
+  # Rejection sampling: 256 prompts x K=4 samples per iteration; a short fine-tune (8 steps of
+  # 16 packed sequences, about 5 passes over the ~240 pooled dialogs; 24 steps at LR 1e-3
+  # memorized the policy's own wrong answers and lowered oracle accuracy).
+  c.rejection_sampling.num_prompts = 256
+  c.rejection_sampling.k = 4
+  c.rejection_sampling.temperature = 1.0
+  c.rejection_sampling.max_new_tokens = 32
+  c.rejection_sampling.max_prompt_len = 64
+  c.rejection_sampling.batch_size = 64
+  c.rejection_sampling.num_steps = 8
+  c.rejection_sampling.lr = 5e-4
+  c.rejection_sampling.plot_prompts = 32
+  c.rejection_sampling.plot_k = 4
+  # PPO: 64 rollouts per iteration in minibatches of 16; tiny models need a larger LR than 1e-6.
+  c.ppo.num_iterations = 30
+  c.ppo.batch_size = 64
+  c.ppo.minibatch_size = 16
+  c.ppo.max_new_tokens = 32
+  c.ppo.max_prompt_len = 64
+  c.ppo.lr = 2e-5
+  c.ppo.value_lr = 1e-4
+  c.ppo.beta = 0.01
+  c.ppo.num_prompts = 2048
+  c.ppo.eval_every = 5
+  c.ppo.eval_prompts = 64
+  c.ppo.patience = 3
+  c.ppo.checkpoint_every = 10
   return c

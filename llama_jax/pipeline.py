@@ -1,0 +1,150 @@
+"""The whole Llama-2-Chat recipe in one workdir: SFT -> RMs -> rejection sampling x k -> PPO.
+
+Llama 2 paper, Sec. 3 (Fig. 4: RLHF-V1..V5: rejection sampling first, PPO on top of the last
+rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
+(stage ``pipeline``). Sub-stages and their workdirs::
+
+  <workdir>/sft             stage "sft"                 config as given (stage set to sft)
+  <workdir>/rm_helpfulness  stage "reward"              init_from sft; pipeline.help_* mixture
+  <workdir>/rm_safety       stage "reward"              init_from sft; pipeline.safety_* mixture,
+                                                        seed + 1
+  <workdir>/rs_<i>          stage "rejection_sampling"  init_from sft or rs_<i-1>; pools rs_1..i-1
+  <workdir>/ppo             stage "ppo"                 init_from the last rs (or sft); value = help RM
+
+A sub-stage with ``final/`` and ``result.json`` is done and skipped; an unfinished one resumes
+from its own checkpoint; a stage that stops early (SIGTERM, ``train.stop_after_steps``) stops the
+pipeline, and the next run continues there. ``<workdir>/result.json`` lists what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, List, Tuple
+
+import jax
+
+from llama_jax import build
+from llama_jax.rs_run import copy_config
+
+log = logging.getLogger(__name__)
+
+
+def is_done(path: str) -> bool:
+  """A sub-stage is done when it has ``final/`` and ``result.json``."""
+  return os.path.isdir(os.path.join(path, "final")) and os.path.isfile(os.path.join(path,
+                                                                                    "result.json"))
+
+
+def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
+  """``[(name, make_config)]`` in order; ``make_config()`` builds the sub-stage config (it reads
+  nothing, so a plan can be listed before anything ran). Sub-workdirs are ``<workdir>/<name>``."""
+  p = config.pipeline
+  path = lambda name: os.path.join(os.path.abspath(workdir), name)
+  final = lambda name: os.path.join(path(name), "final")
+
+  def sft():
+    sub = copy_config(config)
+    sub.stage = "sft"
+    return sub
+
+  def rm(kind):
+    def make():
+      sub = copy_config(config)
+      sub.stage = "reward"
+      sub.init_from = final("sft")
+      sub.reward.model = kind
+      # Distinct seeds (head init, data order): two RMs on the same data must not be one model.
+      sub.seed = config.seed + (0 if kind == "helpfulness" else 1)
+      key = "help" if kind == "helpfulness" else "safety"
+      sub.reward.sources, sub.reward.weights = p[f"{key}_sources"], p[f"{key}_weights"]
+      sub.optimizer.lr = p.reward_lr
+      sub.optimizer.warmup_frac = p.reward_warmup_frac
+      sub.train.num_epochs = p.reward_num_epochs
+      sub.train.num_steps = p.reward_num_steps
+      sub.train.stop_after_steps = 0
+      return sub
+    return make
+
+  def rs(i):
+    def make():
+      sub = copy_config(config)
+      sub.stage = "rejection_sampling"
+      sub.init_from = final("sft" if i == 1 else f"rs_{i - 1}")
+      sub.rejection_sampling.iteration = i
+      sub.rejection_sampling.help_rm = final("rm_helpfulness")
+      sub.rejection_sampling.safety_rm = final("rm_safety")
+      sub.rejection_sampling.pool_from = ",".join(os.path.join(path(f"rs_{j}"), "sampled.jsonl")
+                                                  for j in range(1, i))
+      return sub
+    return make
+
+  def ppo_stage():
+    sub = copy_config(config)
+    sub.stage = "ppo"
+    sub.init_from = final(f"rs_{p.rs_iterations}" if p.rs_iterations else "sft")
+    sub.ppo.help_rm = final("rm_helpfulness")
+    sub.ppo.safety_rm = final("rm_safety")
+    return sub
+
+  plan = [("sft", sft), ("rm_helpfulness", rm("helpfulness")), ("rm_safety", rm("safety"))]
+  plan += [(f"rs_{i}", rs(i)) for i in range(1, p.rs_iterations + 1)]
+  if p.ppo:
+    plan.append(("ppo", ppo_stage))
+  return plan
+
+
+def _share_tokenizer(config, workdir: str, sub_dir: str):
+  """Copy the world tokenizer (model + settings sidecar) of the SFT stage into a sub-workdir, so
+  ``build.tokenizer`` reuses it instead of training it again."""
+  if config.tokenizer.path != "world" or jax.process_index() != 0:
+    return
+  os.makedirs(sub_dir, exist_ok=True)
+  for name in ("tokenizer.model", "tokenizer.model.json"):
+    src = os.path.join(workdir, "sft", name)
+    if os.path.exists(src) and not os.path.exists(os.path.join(sub_dir, name)):
+      shutil.copy2(src, os.path.join(sub_dir, name))
+
+
+def run(config, workdir: str) -> dict:
+  """Run (or resume) the pipeline in ``workdir``.
+
+  Returns:
+    dict with ``finished``, ``ran`` / ``skipped`` stage names, ``stopped_at`` (the stage that did
+    not finish, if any), ``wall_s`` per stage that ran, and each stage's result.
+  Raises:
+    ValueError: if ``config.pipeline.rs_iterations`` < 0; sub-stages raise their own errors.
+  """
+  from llama_jax import stages  # pylint: disable=import-outside-toplevel
+  if config.pipeline.rs_iterations < 0:
+    raise ValueError(f"config.pipeline.rs_iterations must be >= 0, got "
+                     f"{config.pipeline.rs_iterations}")
+  os.makedirs(workdir, exist_ok=True)
+  build.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  out: dict[str, Any] = {"ran": [], "skipped": [], "wall_s": {}, "stages": {}}
+  for name, make in stage_plan(config, workdir):
+    sub_dir = os.path.join(workdir, name)
+    if is_done(sub_dir):
+      out["skipped"].append(name)
+      with open(os.path.join(sub_dir, "result.json")) as f:
+        out["stages"][name] = json.load(f)
+      continue
+    if name != "sft":
+      _share_tokenizer(config, workdir, sub_dir)
+    log.info("pipeline: running %s in %s", name, sub_dir)
+    t0 = time.perf_counter()
+    res = stages.run(make(), sub_dir)
+    out["wall_s"][name] = time.perf_counter() - t0
+    out["ran"].append(name)
+    out["stages"][name] = res
+    if not is_done(sub_dir):
+      out["stopped_at"] = name
+      out["finished"] = False
+      log.warning("pipeline: stage %s stopped before finishing; rerun to resume", name)
+      return out
+  out["finished"] = True
+  build.write_json(os.path.join(workdir, "result.json"), out)
+  return out

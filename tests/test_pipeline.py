@@ -1,0 +1,94 @@
+"""The whole pipeline on a shrunken configs/tiny.py: stop, resume at the right stage, skip what is
+done, and compare the policies with eval.py's pipeline branch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from llama_jax import eval_run, pipeline, stages
+
+STAGES = ["sft", "rm_helpfulness", "rm_safety", "rs_1", "rs_2", "ppo"]
+
+
+def small_config():
+  c = tiny.get_config()
+  c.stage = "pipeline"
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
+  c.model.multiple_of = 16
+  c.tokenizer.world_vocab_size = 320
+  c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 16
+  c.data.max_seq_len, c.data.batch_size = 128, 8
+  c.train.num_steps, c.train.log_every = 4, 1
+  c.train.async_checkpoint = False
+  c.optimizer.warmup_steps = 0
+  c.eval.num_samples, c.eval.num_batches, c.eval.max_new_tokens, c.eval.num_prompts = 0, 1, 8, 8
+  c.reward.world_train_pairs, c.reward.world_heldout_pairs, c.reward.batch_size = 32, 8, 8
+  c.reward.max_seq_len, c.reward.overlong = 160, "drop"
+  c.pipeline.reward_num_steps, c.pipeline.rs_iterations = 2, 2
+  r = c.rejection_sampling
+  r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 2, 8, 64, 8
+  r.num_steps, r.plot_prompts, r.plot_k, r.plot_temperatures = 1, 2, 2, "0.8,1.2"
+  p = c.ppo
+  p.num_iterations, p.batch_size, p.minibatch_size, p.max_new_tokens = 2, 8, 4, 8
+  p.max_prompt_len, p.num_prompts, p.eval_prompts, p.eval_every = 64, 16, 8, 0
+  p.lr = 1e-3
+  return c
+
+
+def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
+  work = tmp_path / "pipe"
+  assert [name for name, _ in pipeline.stage_plan(small_config(), str(work))] == STAGES
+  # 1) Stopped inside SFT after 2 of its 4 steps (as a time-limited job would be).
+  c = small_config()
+  c.train.stop_after_steps = 2
+  res = stages.run(c, str(work))
+  assert not res["finished"] and res["stopped_at"] == "sft" and res["ran"] == ["sft"]
+  assert not (work / "rm_helpfulness").exists()
+  # 2) Rerun: SFT resumes at step 2 (not from scratch) and every later stage runs.
+  res = stages.run(small_config(), str(work))
+  assert res["finished"] and res["ran"] == STAGES and res["skipped"] == []
+  sft_steps = [json.loads(x)["step"] for x in
+               (work / "sft" / "logs" / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["split"] == "train"]
+  assert sft_steps == [1, 2, 3, 4]
+  for name in STAGES:
+    assert pipeline.is_done(str(work / name)), name
+  # Each stage starts from the previous one's checkpoint.
+  cfg = lambda name: json.loads((work / name / "config.json").read_text())
+  assert cfg("rm_safety")["init_from"] == str(work / "sft" / "final")
+  assert cfg("rs_1")["init_from"] == str(work / "sft" / "final")
+  assert cfg("rs_2")["init_from"] == str(work / "rs_1" / "final")
+  assert cfg("rs_2")["rejection_sampling"]["pool_from"] == str(work / "rs_1" / "sampled.jsonl")
+  assert cfg("ppo")["init_from"] == str(work / "rs_2" / "final")
+  assert cfg("ppo")["ppo"]["help_rm"] == str(work / "rm_helpfulness" / "final")
+  # 3) A finished pipeline skips every stage.
+  res = stages.run(small_config(), str(work))
+  assert res["finished"] and res["ran"] == [] and res["skipped"] == STAGES
+
+  # eval.py on the pipeline workdir: one row per policy.
+  out = eval_run.run(str(work), 8)
+  names = [r["policy"] for r in out["policies"]]
+  assert names == ["SFT", "RLHF-V1 (RS)", "RLHF-V2 (RS)", "PPO"]
+  sft, ppo = out["policies"][0], out["policies"][-1]
+  assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
+  for row in out["policies"]:
+    assert 0 <= row["helpfulness"] <= 1 and 0 < row["reward"] < 1
+    assert 0 <= row["win_rate_vs_sft"] <= 1 and np.isfinite(row["kl_to_sft"])
+  # Every later policy was trained away from SFT (KL on its own samples is not 0).
+  for row in out["policies"][1:]:
+    assert row["kl_to_sft"] != 0.0, row["policy"]
+  table = (work / "eval" / "eval.md").read_text()
+  assert "| PPO |" in table and "| SFT |" in table
+  for png in ("policies.png", "rs_reward_vs_n.png", "rs_reward_vs_temperature.png"):
+    assert (work / "eval" / png).stat().st_size > 1000, png
+
+
+def test_bad_iteration_count():
+  c = small_config()
+  c.pipeline.rs_iterations = -1
+  with pytest.raises(ValueError, match="rs_iterations"):
+    stages.run(c, "/nonexistent/never_created")

@@ -1,0 +1,138 @@
+"""The rejection-sampling stage: reproducible sampled set, best-of-K, pooling, figures, fine-tune."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from llama_jax import convert, reward, rs_run
+from llama_jax.config import LlamaConfig
+from llama_jax.data import world
+from llama_jax.model import init_params
+from llama_jax.tokenizer import Tokenizer
+
+VOCAB = 320
+CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,
+                  max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """A world tokenizer, a random policy and two random reward models on disk."""
+  root = tmp_path_factory.mktemp("rs_models")
+  world.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(), vocab_size=VOCAB)
+  convert.save_orbax(root / "policy", CFG, init_params(CFG, jax.random.key(0)))
+  for i, name in enumerate(("help", "safe")):
+    rm = reward.init_reward_params(init_params(CFG, jax.random.key(10 + i)), jax.random.key(20 + i))
+    reward.save_reward_model(str(root / name), CFG, rm)
+  return root
+
+
+def make_config(models, **rs):
+  c = tiny.get_config()
+  c.stage = "rejection_sampling"
+  c.init_from = str(models / "policy")
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
+  c.model.multiple_of, c.model.max_seq_len = 16, 128
+  c.tokenizer.world_vocab_size = VOCAB
+  c.data.max_seq_len, c.data.batch_size = 128, 4
+  c.train.async_checkpoint = False
+  r = c.rejection_sampling
+  r.help_rm, r.safety_rm = str(models / "help"), str(models / "safe")
+  r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 3, 8, 48, 4
+  r.num_steps, r.lr = 1, 1e-3
+  r.plot_prompts, r.plot_k, r.plot_temperatures = 2, 2, "0.7,1.3"
+  for k, v in rs.items():
+    r[k] = v
+  return c
+
+
+def _workdir(models, tmp_path, name):
+  work = tmp_path / name
+  work.mkdir()
+  for f in ("tokenizer.model", "tokenizer.model.json"):
+    shutil.copy(models / "tok" / f, work / f)
+  return work
+
+
+def _records(path):
+  return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
+  a, b = _workdir(models, tmp_path, "a"), _workdir(models, tmp_path, "b")
+  res = rs_run.run(make_config(models), str(a))
+  rs_run.run(make_config(models), str(b))
+  assert (a / "sampled.jsonl").read_bytes() == (b / "sampled.jsonl").read_bytes()
+  records = _records(a / "sampled.jsonl")
+  assert len(records) == res["sampled"]["prompts"] >= 2
+  for r in records:
+    assert len(r["samples"]) == len(r["scores"]) == 3 and r["iteration"] == 1
+    assert r["chosen"] == int(np.argmax(r["scores"]))
+    assert all(0 < s < 1 for s in r["scores"])  # combined reward: a sigmoid probability
+  # Scores are the combined reward recomputed independently from the two RMs' sigmoid scores.
+  rcfg, help_p = reward.load_reward_model(str(models / "help"))
+  _, safe_p = reward.load_reward_model(str(models / "safe"))
+  tok = Tokenizer(str(a / "tokenizer.model"))
+  r = records[0]
+  ids = tok.encode_dialog(r["prompt"] + [{"role": "assistant", "content": r["samples"][0]}])[0]
+  mask = np.ones((1, len(ids)), bool)
+  h = float(reward.score(help_p, rcfg, ids[None], mask, probability=True)[0])
+  s = float(reward.score(safe_p, rcfg, ids[None], mask, probability=True)[0])
+  harmful = world.parse_prompt(r["prompt"][-1]["content"]).task == "harmful"
+  want = s if (harmful or s < 0.15) else h
+  assert r["scores"][0] == pytest.approx(want, abs=2e-5)
+  # Figures 7 and 8 as JSON + PNG.
+  fig = json.loads((a / "figures" / "figures.json").read_text())
+  curve = fig["reward_vs_n"]["RLHF-V1"]
+  assert curve["n"] == [1, 2, 3]
+  scores = np.asarray([x["scores"] for x in records])
+  assert curve["max"][-1] == pytest.approx(scores.max(1).mean())
+  assert fig["reward_vs_temperature"]["RLHF-V1"]["temperature"] == [0.7, 1.3]
+  for png in ("reward_vs_n.png", "reward_vs_temperature.png"):
+    assert (a / "figures" / png).stat().st_size > 1000
+  # Fine-tuned on the pooled best samples, exported as final/.
+  assert res["finished"] and (a / "final" / "params.json").exists()
+  sft = _records(a / "sft_data.jsonl")
+  assert sorted(x["messages"][-1]["content"] for x in sft) == sorted(
+      x["samples"][x["chosen"]] for x in records)
+
+
+def test_pooling_keeps_the_best_sample_of_every_iteration(models, tmp_path):
+  first = _workdir(models, tmp_path, "v1")
+  rs_run.run(make_config(models, num_steps=1), str(first))
+  second = _workdir(models, tmp_path, "v2")
+  res = rs_run.run(make_config(models, iteration=2, temperature=1.3,
+                               pool_from=str(first / "sampled.jsonl"), plot_prompts=0),
+                   str(second))
+  best = {}
+  for path in (first / "sampled.jsonl", second / "sampled.jsonl"):
+    for r in _records(path):
+      key = json.dumps(r["prompt"], sort_keys=True)
+      s = r["scores"][r["chosen"]]
+      if key not in best or s > best[key][0]:
+        best[key] = (s, r["samples"][r["chosen"]], r["iteration"])
+  pooled = _records(second / "pooled.jsonl")
+  assert len(pooled) == len(best) == res["sampled"]["pooled"]
+  for r in pooled:
+    s, text, it = best[json.dumps(r["prompt"], sort_keys=True)]
+    assert r["samples"][r["chosen"]] == text and r["iteration"] == it
+  assert res["sampled"]["from_earlier_iterations"] == sum(v[2] == 1 for v in best.values())
+  assert not (second / "figures" / "reward_vs_temperature.png").exists()
+
+
+def test_validation(models, tmp_path):
+  c = make_config(models)
+  c.init_from = ""
+  with pytest.raises(ValueError, match="config.init_from"):
+    rs_run.run(c, str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    rs_run.run(make_config(models, temperature=0.0), str(tmp_path / "y"))
+  with pytest.raises(FileNotFoundError, match="pool_from"):
+    rs_run.run(make_config(models, pool_from=str(tmp_path / "nope.jsonl")), str(tmp_path / "z"))
+  assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
