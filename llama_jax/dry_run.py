@@ -2,7 +2,8 @@
 
 Stages planned: ``sft`` (``sft.train_step``), ``reward`` (``reward.train_step``), ``ppo``
 (``ppo.ppo_train_step`` on one minibatch, and rollout generation with ``sampling.sample`` on the
-generation layout); ``rejection_sampling`` and ``pipeline`` are reported as not yet available.
+generation layout); ``rejection_sampling`` plans its SFT fine-tuning step; ``pipeline`` plans SFT,
+reward and PPO.
 
 The step is built exactly as the stage builds it (model config, mesh, rules, optimizer,
 ``stage_lib.StateSetup``, the stage's jitted step with explicit in/out shardings), lowered on
@@ -24,7 +25,6 @@ batch arguments are exact.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -39,10 +39,6 @@ GIB = 2.0 ** 30
 STAGES = ("sft", "reward", "rejection_sampling", "ppo", "pipeline")
 LLAMA2_VOCAB = 32000  # SentencePiece pieces of the Llama 2 tokenizer (paper Sec. 2.2)
 _PLANNING_STEPS = 1000  # schedule length for the optimizer (any value: it does not change memory)
-
-
-def _module_available(name: str) -> bool:
-  return importlib.util.find_spec(name) is not None
 
 
 def vocab_size_for(config) -> int:
@@ -299,7 +295,8 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     ``config.reward.batch_size`` x ``max_seq_len``); ``ppo`` plans ``ppo.ppo_train_step`` on one
     minibatch and ``sampling.sample`` of a rollout batch on the generation layout (value and
     reward models assumed the policy's shape; the optimizer is ``config.optimizer``, whose LR
-    does not change memory); ``rejection_sampling`` / ``pipeline``: not yet available.
+    does not change memory); ``rejection_sampling`` plans its fine-tuning (the SFT step) and
+    reports its sampling pass as not yet available; ``pipeline`` plans SFT, reward and PPO.
   Raises:
     ValueError: on a bad mesh (see ``mesh_for``), an unknown stage, or a batch size not
       divisible by ``grad_accum_steps`` / the batch mesh axes.
@@ -311,9 +308,9 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   mesh = mesh_for(config, devices)
   rules = sharding.DEFAULT_RULES
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if stage == "ppo":
+  if stage in ("ppo", "pipeline"):
     _check_ppo(config, cfg, batch_shards)
-  else:
+  if stage != "ppo":
     _check_batch(config, cfg, batch_shards)
   optimizer = optim.make_optimizer(config.optimizer, _PLANNING_STEPS)
   out = {"stage": stage, "mesh_shape": dict(mesh.shape), "num_devices": mesh.size,
@@ -321,17 +318,15 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
              "preset": config.model.preset, "param_count": cfg.num_params(), "dtype": cfg.dtype,
              "param_dtype": cfg.param_dtype, "remat": cfg.remat, "scan_layers": cfg.scan_layers},
          "steps": [], "unavailable": []}
-  if stage == "sft":
+  if stage in ("sft", "rejection_sampling", "pipeline"):
     out["steps"].append(_sft_step(config, cfg, mesh, rules, optimizer))
-  elif stage == "reward":
-    if _module_available("llama_jax.reward"):
-      out["steps"].append(_reward_step(config, cfg, mesh, rules, optimizer))
-    else:
-      out["unavailable"].append("reward.train_step (llama_jax/reward.py does not exist yet)")
-  elif stage == "ppo" and _module_available("llama_jax.ppo"):
+  if stage in ("reward", "pipeline"):
+    out["steps"].append(_reward_step(config, cfg, mesh, rules, optimizer))
+  if stage in ("ppo", "pipeline"):
     out["steps"].extend(_ppo_plans(config, cfg, mesh, rules, optimizer))
-  else:
-    out["unavailable"].append(f"stage {stage!r}: the dry run has no plan for its steps yet")
+  if stage in ("rejection_sampling", "pipeline"):
+    out["unavailable"].append("the rejection-sampling pass (K samples per prompt, scoring) has no "
+                              "plan of its own yet; its fine-tuning is the SFT step planned above")
   return out
 
 

@@ -156,11 +156,12 @@ def test_microbatch_not_divisible_by_batch_axes_is_rejected():
     dry_run.plan(c)
 
 
-def test_unavailable_stage_is_reported_not_guessed():
+def test_rejection_sampling_plans_its_finetune_and_reports_the_rest():
   c = _config((1, -1, 1))
   c.stage = "rejection_sampling"
   p = dry_run.plan(c)
-  assert p["steps"] == [] and p["unavailable"]
+  assert [s["name"] for s in p["steps"]] == ["sft.train_step"]
+  assert any("rejection-sampling pass" in u for u in p["unavailable"])
   assert "not yet available" in dry_run.format_plan(p)
 
 
