@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Params, forward_cached, init_cache
+from llama_jax.model import (Params, decode_step, forward_cached, init_cache, unstack_cache,
+                             unstack_layers)
 
 
 class GenerateOutput(NamedTuple):
@@ -103,7 +104,9 @@ def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
   """
   b, p = prompt_tokens.shape
   cache = init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = forward_cached(params, prompt_tokens, cfg, cache, prompt_mask)
+  logits, cache = forward_cached(params, prompt_tokens, cfg, cache, prompt_mask, last_only=True)
+  # The loop reads each layer's weights and cache as its own buffer (sliced once, here).
+  params, cache = unstack_layers(params), unstack_cache(cache)
   state = _LoopState(
       step=jnp.zeros((), jnp.int32), logits=logits[:, -1], cache=cache,
       tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -122,8 +125,8 @@ def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     lengths = s.lengths + (~s.done).astype(jnp.int32)
     live = ~s.done
     done = s.done | (tok == eos_id)
-    logits, cache = forward_cached(params, tok[:, None], cfg, s.cache, live[:, None])
-    return _LoopState(s.step + 1, logits[:, -1], cache, tokens, logprobs, lengths, done)
+    logits, cache = decode_step(params, tok[:, None], cfg, s.cache, live[:, None])
+    return _LoopState(s.step + 1, logits, cache, tokens, logprobs, lengths, done)
 
   final = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(final.tokens, final.logprobs, final.lengths, final.done)

@@ -91,10 +91,10 @@ def generation_rules(merge_fsdp_into_tensor: bool = False) -> Rules:
 
 GENERATION_RULES: Rules = generation_rules()
 
-# Logical axes of model.KVCache leaves (k, v: [L, b, s, k, h]; mask: [b, s]; index: []).
+# Logical axes of model.KVCache leaves (k, v: [L, b, k, s, h]; mask: [b, s]; index: []).
 CACHE_LOGICAL_AXES = model.KVCache(
-    k=P("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    v=P("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    k=P("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+    v=P("layers", "batch", "kv_heads", "cache_length", "head_dim"),
     mask=P("batch", "cache_length"),
     index=P(),
 )
@@ -364,7 +364,7 @@ def cache_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules, batch: int,
                     max_len: int) -> model.KVCache:
   """``model.KVCache`` of shardings for ``model.init_cache(cfg, batch, max_len)``.
 
-  k, v [L, b, s, k, h]: b over the 'batch' rule, k over 'kv_heads' (tensor); mask [b, s]: b split;
+  k, v [L, b, k, s, h]: b over the 'batch' rule, k over 'kv_heads' (tensor); mask [b, s]: b split;
   index []: replicated.
 
   Raises:

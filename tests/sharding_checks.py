@@ -306,7 +306,7 @@ def generation_layout():
   rules = sharding.GENERATION_RULES
   gen = sharding.to_generation_layout(params, CFG, mesh)
   c_sh = sharding.cache_shardings(CFG, mesh, rules, B, 32)
-  assert c_sh.k.spec == P(None, ("data", "fsdp"), None, "tensor", None), c_sh.k.spec
+  assert c_sh.k.spec == P(None, ("data", "fsdp"), "tensor", None, None), c_sh.k.spec
   assert c_sh.mask.spec == P(("data", "fsdp"), None) and c_sh.index.spec == P()
 
   def prefill(p, tokens, cfg=CFG):
@@ -318,7 +318,7 @@ def generation_layout():
                              out_shardings=(sharding.batch_sharding(mesh, rules), c_sh),
                              donate_argnums=())
   logits, cache = jitted(gen, _tokens())
-  assert {s.data.shape for s in cache.k.addressable_shards} == {(CFG.n_layers, 2, 32, 2, 8)}
+  assert {s.data.shape for s in cache.k.addressable_shards} == {(CFG.n_layers, 2, 2, 32, 8)}
   ref_logits, ref_cache = jax.jit(prefill)(model.init_params(CFG, KEY), _tokens())
   assert float(np.max(np.abs(np.asarray(logits) - np.asarray(ref_logits)))) <= 1e-5
   assert float(np.max(np.abs(np.asarray(cache.k) - np.asarray(ref_cache.k)))) <= 1e-5
