@@ -18,8 +18,13 @@ float32, saved with ``save_pretrained`` to a temporary directory and loaded into
 
 Usage::
 
-  python benchmarks/model_cpu.py                     # dim 512, 8 layers, ~60M params (~2.5 min, 2 cores)
-  python benchmarks/model_cpu.py --dim 256 --n_layers 4 --train_steps 3
+  python benchmarks/model_cpu.py                 # dim 512, 8 layers, 60M params, all cores
+  taskset -c 0 python benchmarks/model_cpu.py    # one core, one thread per system
+  python benchmarks/model_cpu.py --unrolled      # LlamaConfig(scan_layers=False)
+  python benchmarks/model_cpu.py --dim 256 --n_layers 4 --n_kv_heads 2 --train_steps 3
+
+The default run took 65-90 s on this project's 2-core machine when it was otherwise idle, ~2.5 min
+pinned to one core, and up to 8 min while other jobs loaded the cores.
 
 PyTorch runs with ``torch.set_num_threads(n)``, n = the CPUs this process may use
 (``os.cpu_count()`` unless pinned); XLA's CPU client uses them all by default. On a machine shared
@@ -104,7 +109,7 @@ def _timed(fn):
   return out, time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-# ---- shared weights -------------------------------------------------------------------------------
+# ---- shared weights ------------------------------------------------------------------------------
 def build_models(args):
   """(HF model, our config, our params on device) with identical float32 weights."""
   cfg = lj.LlamaConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -112,7 +117,8 @@ def build_models(args):
                        multiple_of=args.multiple_of,
                        max_seq_len=max(args.seq_len, args.prompt_len + args.new_tokens),
                        scan_layers=not args.unrolled)
-  hf_dict = {k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "torch_dtype")}
+  hf_dict = {k: v for k, v in cfg.to_hf_config().items()
+             if k not in ("architectures", "torch_dtype")}
   hf_cfg = transformers.LlamaConfig(**hf_dict, initializer_range=args.init_std)
   torch.manual_seed(args.seed)
   model = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32)
@@ -126,7 +132,7 @@ def build_models(args):
   return model, cfg, params
 
 
-# ---- training -------------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 def jax_loss(params, tokens, cfg):
   """Mean next-token cross-entropy over [b, t-1] predictions (float32)."""
   logits = lj.forward(params, tokens[:, :-1], cfg)
@@ -175,7 +181,7 @@ def bench_train(model, params, cfg, batches, args):
   return jax_runs, hf_runs
 
 
-# ---- decoding -------------------------------------------------------------------------------------
+# ---- decoding ------------------------------------------------------------------------------------
 def bench_decode(model, params, cfg, prompts, args):
   """Alternating timed greedy generate calls. Returns (jax first-call wall s, jax runs, hf runs
   (lists of (None, wall s, CPU s)), jax tokens [b, m], jax lengths [b], hf tokens [b, m])."""
@@ -208,9 +214,8 @@ def bench_decode(model, params, cfg, prompts, args):
           hout[:, ids.shape[1]:].numpy())
 
 
-# ---- report -----------------------------------------------------------------------------------------
+# ---- report --------------------------------------------------------------------------------------
 def _fmt(values, digits=3):
-  values = list(values)
   return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
@@ -219,11 +224,32 @@ def _medians(runs):
   return statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
 
 
+_HEADER = ("| benchmark           | jax tok/s | HF tok/s  | jax/HF | jax tok/CPU-s | HF tok/CPU-s "
+           "| jax/HF |\n|---------------------|-----------|-----------|--------|---------------|"
+           "--------------|--------|")
+
+
 def _row(name, tokens, jax_runs, hf_runs):
   """Table row: tokens/s (median wall) and tokens per CPU-second (median) of both systems."""
   (jw, jc), (hw, hc) = _medians(jax_runs), _medians(hf_runs)
-  return (f"| {name:<26} | {tokens / jw:>9,.1f} | {tokens / hw:>9,.1f} | {hw / jw:>6.2f}x | "
-          f"{tokens / jc:>9,.1f} | {tokens / hc:>9,.1f} | {hc / jc:>6.2f}x |")
+  return (f"| {name:<19} | {tokens / jw:>9,.1f} | {tokens / hw:>9,.1f} | {hw / jw:>5.2f}x | "
+          f"{tokens / jc:>13,.1f} | {tokens / hc:>12,.1f} | {hc / jc:>5.2f}x |")
+
+
+def _describe(cfg, args, model) -> str:
+  """Two lines: the model and the machine."""
+  n_cpu = len(os.sched_getaffinity(0))
+  return (f"model: dim={cfg.dim} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
+          f"kv_heads={cfg.kv_heads} vocab={cfg.vocab_size} ffn_hidden={cfg.ffn_hidden_dim} "
+          f"params={cfg.num_params() / 1e6:.1f}M float32 scan_layers={cfg.scan_layers} "
+          f"init_std={args.init_std}\n"
+          f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({n_cpu} usable by this process), "
+          f"load average {os.getloadavg()[0]:.1f} | python {platform.python_version()} | "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device; "
+          f"llama_jax from {os.path.dirname(lj.__file__)}) | torch {torch.__version__} "
+          f"(torch.set_num_threads({n_cpu}) -> {torch.get_num_threads()} threads) | "
+          f"transformers {transformers.__version__} "
+          f"(attn_implementation={model.config._attn_implementation})")
 
 
 def main(argv=None):
@@ -232,15 +258,7 @@ def main(argv=None):
   hf_logging.disable_progress_bar()
   t_start = time.perf_counter()
   model, cfg, params = build_models(args)
-  print(f"model: dim={cfg.dim} n_layers={cfg.n_layers} n_heads={cfg.n_heads} kv_heads={cfg.kv_heads} "
-        f"vocab={cfg.vocab_size} ffn_hidden={cfg.ffn_hidden_dim} params={cfg.num_params() / 1e6:.1f}M "
-        f"(float32) scan_layers={cfg.scan_layers} init_std={args.init_std}")
-  print(f"machine: {platform.machine()} {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} "
-        f"usable by this process), load average {os.getloadavg()[0]:.1f} | python "
-        f"{platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].platform}, "
-        f"{jax.device_count()} device), llama_jax from {os.path.dirname(lj.__file__)} | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
-        f"transformers {transformers.__version__} (attn_implementation="
-        f"{model.config._attn_implementation})")
+  print(_describe(cfg, args, model))
   rng = np.random.default_rng(args.seed)
   rows = []
 
@@ -250,7 +268,8 @@ def main(argv=None):
     print(f"\n[decode] greedy, batch {args.gen_batch}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {args.gen_repeats} timed calls each, alternating "
           "(prefill included)")
-    print(f"  llama_jax wall s: first call {first:.2f} (compile ~{first - min(r[1] for r in jr):.2f}), "
+    compile_s = first - min(r[1] for r in jr)
+    print(f"  llama_jax wall s: first call {first:.2f} (compile ~{compile_s:.2f}), "
           f"timed {_fmt(r[1] for r in jr)}; CPU s {_fmt(r[2] for r in jr)}")
     print(f"  HF        wall s: timed {_fmt(r[1] for r in hr)}; CPU s {_fmt(r[2] for r in hr)}")
     print(f"  generated tokens: llama_jax {int(jlen.sum())} (shape {jtok.shape}), "
@@ -280,12 +299,11 @@ def main(argv=None):
           f"(max |diff| {max(abs(a - b) for a, b in zip(jl, hl)):.1e})")
     rows.append(_row("train fwd+bwd+AdamW", args.train_batch * args.seq_len, jr[w:], hr[w:]))
 
-  print("\n| benchmark                  | jax tok/s | HF tok/s  | jax/HF  | jax tok/CPU-s | HF tok/CPU-s | jax/HF |")
-  print("|----------------------------|-----------|-----------|---------|-----------|-----------|---------|")
+  print("\n" + _HEADER)
   print("\n".join(rows))
-  print("tok/s = tokens / median wall time per step (train) or per generate call (decode, prefill "
-        "included);\ntok/CPU-s = tokens / median process CPU seconds (less sensitive to other load on "
-        "the machine).")
+  print("tok/s = tokens / median wall time per step (train) or per generate call (decode, "
+        "prefill included);\ntok/CPU-s = tokens / median process CPU seconds (less sensitive to "
+        "other load on the machine).")
   print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 
