@@ -47,7 +47,7 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
-  def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator: Any = None) -> bool:
     """Start saving (async unless disabled). Returns False if a checkpoint of ``step`` exists."""
     if step in self.all_steps():
       return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Mapping, Optional
 
 import jax
@@ -58,7 +57,6 @@ class Progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                      disable=jax.process_index() != 0)
-    self._last = time.perf_counter()
 
   def update(self, n: int = 1, **postfix):
     self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
