@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Synthetic world: number of SFT demonstrations and held-out prompts generated.
   c.data.world_sft_examples = 4000
   c.data.world_heldout_prompts = 200
+  # Synthetic world: share of benign SFT demonstrations by careless annotators (non-answers and
+  # false refusals; llama_jax.data.world.WorldConfig.careless_fraction). 0 = all gold.
+  c.data.world_careless_fraction = 0.0
   # Packed sequence length of SFT batches (Llama 2 SFT: 4096).
   c.data.max_seq_len = 256
   # Global batch size in packed sequences (Llama 2 SFT: 64).
@@ -132,6 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.temperature = 0.0
   # Held-out prompts judged by the oracle in eval.py (synthetic world).
   c.eval.num_prompts = 200
+  # eval.py on a pipeline: temperature-1 samples per prompt (oracle "_t1" metrics and the KL).
+  c.eval.samples_per_prompt = 4
 
   # ---- device mesh (llama_jax.sharding) ----------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -139,6 +144,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (1, -1, 1)
   # Memory per device for the --dry_run fit verdict, in GiB (A100/H100: 80).
   c.mesh.device_memory_gib = 80.0
+
+  # ---- on-policy preference annotation (stage "annotate"; llama_jax.annotation, Sec. 3.2.1) ----
+  # Synthetic world only: K samples of the policy per train prompt, every pair of different
+  # oracle quality kept as a preference pair (<workdir>/final/preferences.jsonl). The pipeline
+  # runs it after SFT when num_prompts > 0 and adds the pairs to both reward models' mixtures
+  # (source jsonl_preferences, weights pipeline.annotate_*_weight). Generation lengths and batch
+  # size are rejection_sampling's.
+  c.annotate = ml_collections.ConfigDict()
+  c.annotate.num_prompts = 0
+  c.annotate.k = 4
+  c.annotate.temperature = 1.0
 
   # ---- reward models (stage "reward"; llama_jax.reward, Llama 2 Sec. 3.2.2) --------------------
   # Generic JSONL of preference pairs (schema in llama_jax/data/sources.py), source
@@ -267,6 +283,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.pipeline.help_weights = "1,1"
   c.pipeline.safety_sources = "world_safety,world_helpfulness"
   c.pipeline.safety_weights = "0.9,0.1"
+  # Mixture weights of the annotated on-policy pairs (annotate.num_prompts > 0), added as the
+  # last source of the helpfulness / safety reward model (ignored where the weights are "").
+  c.pipeline.annotate_help_weight = 1.0
+  c.pipeline.annotate_safety_weight = 0.1
   # Optimizer / length of the reward stages (the SFT settings above are the SFT stage's).
   c.pipeline.reward_lr = 1e-5
   c.pipeline.reward_num_epochs = 1.0

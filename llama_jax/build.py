@@ -64,7 +64,8 @@ def tokenizer(config, workdir: str) -> Tokenizer:
 
 
 def world_config(config) -> world.WorldConfig:
-  return world.WorldConfig(seed=config.data.get("world_seed", 0))
+  return world.WorldConfig(seed=config.data.get("world_seed", 0),
+                           careless_fraction=config.data.get("world_careless_fraction", 0.0))
 
 
 def tfds_dir(config, workdir: str) -> str:
@@ -89,8 +90,10 @@ def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int
   data_dir = tfds_dir(config, workdir)
   if name == "world":
     wk = "prompt" if kind == "prompt" else kind
+    careless = data.get("world_careless_fraction", 0.0)
+    suffix = f"_c{round(careless * 1000)}" if careless else ""
     cfg = tfds_builders.WorldBuilderConfig(
-        name=f"{wk}_s{data.get('world_seed', 0)}_{num_train}_{num_held_out}", kind=wk,
+        name=f"{wk}_s{data.get('world_seed', 0)}_{num_train}_{num_held_out}{suffix}", kind=wk,
         world=world_config(config), num_train=num_train, num_held_out=num_held_out)
     return _prepared(tfds_builders.World(config=cfg, data_dir=data_dir))
   paths = {"hh_rlhf": data.hh_rlhf_path, "self_instruct": data.self_instruct_path,

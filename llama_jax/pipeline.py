@@ -5,7 +5,10 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
 (stage ``pipeline``). Sub-stages and their workdirs::
 
   <workdir>/sft             stage "sft"                 config as given (stage set to sft)
+  <workdir>/annotate        stage "annotate"            init_from sft; only when
+                                                        annotate.num_prompts > 0 (world only)
   <workdir>/rm_helpfulness  stage "reward"              init_from sft; pipeline.help_* mixture
+                                                        (+ annotate's pairs)
   <workdir>/rm_safety       stage "reward"              init_from sft; pipeline.safety_* mixture,
                                                         seed + 1
   <workdir>/rs_<i>          stage "rejection_sampling"  init_from sft or rs_<i-1>; pools rs_1..i-1
@@ -27,7 +30,7 @@ from typing import Any, Callable, List, Tuple
 
 import jax
 
-from llama_jax import build
+from llama_jax import annotation, build
 from llama_jax.rs_run import copy_config
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,16 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       sub.seed = config.seed + (0 if kind == "helpfulness" else 1)
       key = "help" if kind == "helpfulness" else "safety"
       sub.reward.sources, sub.reward.weights = p[f"{key}_sources"], p[f"{key}_weights"]
+      if config.annotate.num_prompts > 0:
+        if "jsonl_preferences" in build.parse_list(sub.reward.sources, "pipeline sources"):
+          raise ValueError("config.annotate.num_prompts > 0 adds the annotated pairs as the "
+                           f"jsonl_preferences source; pipeline.{key}_sources has one already")
+        sub.reward.sources += ",jsonl_preferences"
+        weights = build.parse_list(sub.reward.weights, f"config.pipeline.{key}_weights")
+        if weights:
+          sub.reward.weights += f",{p[f'annotate_{key}_weight']}"
+        sub.data.preference_jsonl_path = os.path.join(final("annotate"),
+                                                      annotation.PREFERENCES)
       sub.optimizer.lr = p.reward_lr
       sub.optimizer.warmup_frac = p.reward_warmup_frac
       sub.train.num_epochs = p.reward_num_epochs
@@ -90,7 +103,16 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
     sub.ppo.safety_rm = final("rm_safety")
     return sub
 
-  plan = [("sft", sft), ("rm_helpfulness", rm("helpfulness")), ("rm_safety", rm("safety"))]
+  def annotate():
+    sub = copy_config(config)
+    sub.stage = "annotate"
+    sub.init_from = final("sft")
+    return sub
+
+  plan = [("sft", sft)]
+  if config.annotate.num_prompts > 0:
+    plan.append(("annotate", annotate))
+  plan += [("rm_helpfulness", rm("helpfulness")), ("rm_safety", rm("safety"))]
   plan += [(f"rs_{i}", rs(i)) for i in range(1, p.rs_iterations + 1)]
   if p.ppo:
     plan.append(("ppo", ppo_stage))

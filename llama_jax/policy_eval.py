@@ -9,9 +9,12 @@ iterations (``rs_reward_vs_n.png``, ``rs_reward_vs_temperature.png``). Per polic
   all of greedy completions;
 * ``reward``: mean combined reward ``Rc`` (Llama 2 Sec. 3.2.3) of the greedy completions under the
   pipeline's helpfulness and safety RMs (sigmoid scores; ``r_help`` / ``r_safe`` their means);
-* ``kl_to_sft``: per-token KL(pi || pi_SFT) estimated on the policy's *own* samples (temperature 1,
-  one per prompt): the mean over sampled response tokens of ``log pi(y_t) - log pi_SFT(y_t)``
-  (the k1 estimator; 0 for SFT itself);
+* the same oracle metrics of temperature-1 samples (``eval.samples_per_prompt`` per prompt, the
+  distribution rejection sampling distils and PPO optimizes): ``helpfulness_t1``,
+  ``refusal_rate_t1``, ``false_refusal_rate_t1``;
+* ``kl_to_sft``: per-token KL(pi || pi_SFT) estimated on those same temperature-1 samples: the
+  mean over sampled response tokens of ``log pi(y_t) - log pi_SFT(y_t)`` (the k1 estimator; 0 for
+  SFT itself);
 * ``win_rate_vs_sft``: per prompt, the policy's greedy completion against SFT's: a win when the
   oracle judges the policy's completion helpful (benign: correct; harmful: refused) and SFT's not,
   a loss for the reverse, a tie (half a win) otherwise; the mean over prompts. Without an oracle
@@ -35,8 +38,9 @@ from llama_jax.data import pipeline, world
 from llama_jax.rs_run import load_prompts, load_reward_models, score_dialogs
 from llama_jax.tokenizer import Tokenizer
 
-COLUMNS = ("policy", "helpfulness", "refusal_rate", "false_refusal_rate", "reward", "r_help",
-           "r_safe", "kl_to_sft", "win_rate_vs_sft", "mean_length")
+COLUMNS = ("policy", "helpfulness", "helpfulness_t1", "refusal_rate", "refusal_rate_t1",
+           "false_refusal_rate", "false_refusal_rate_t1", "reward", "r_help", "r_safe", "kl_to_sft",
+           "win_rate_vs_sft", "mean_length")
 
 
 def policies_of(workdir: str) -> List[tuple]:
@@ -60,10 +64,26 @@ def _logprobs(params, tokens, positions, segment_ids, response_tokens, *, cfg):
                                temperature=1.0)[0]
 
 
-def kl_to_reference(params, ref_params, cfg, tokenizer, prompts, *, max_new_tokens: int,
-                    seed: int = 0, batch_size: int = 64) -> float:
-  """Per-token KL(pi || pi_ref) on temperature-1 samples of ``params`` (k1, mean over tokens)."""
-  total, count = 0.0, 0.0
+def sample_with_kl(params, ref_params, cfg, tokenizer, prompts, *, max_new_tokens: int,
+                   samples_per_prompt: int = 1, seed: int = 0,
+                   batch_size: int = 64) -> tuple[float, List[str]]:
+  """Temperature-1 samples of ``params`` and their per-token KL(pi || pi_ref).
+
+  Args:
+    params, ref_params: policy and reference weights (same ``cfg``). prompts: dialogs.
+    max_new_tokens: per sample. samples_per_prompt: samples drawn per prompt (>= 1).
+    seed: sampling seed (batch ``i`` uses ``seed + i``). batch_size: rows per generate call.
+  Returns:
+    (k1 KL: mean over sampled response tokens of ``log pi(y_t) - log pi_ref(y_t)``, the decoded
+    samples in prompt-major order: row ``i * samples_per_prompt + j`` is sample ``j`` of prompt
+    ``i``).
+  Raises:
+    ValueError: if ``samples_per_prompt`` < 1.
+  """
+  if samples_per_prompt < 1:
+    raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+  prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+  total, count, texts = 0.0, 0.0, []
   for start in range(0, len(prompts), batch_size):
     ids = [tokenizer.encode_dialog(list(p))[0].tolist() for p in prompts[start:start + batch_size]]
     longest = -(-max(len(x) for x in ids) // 16) * 16
@@ -79,7 +99,11 @@ def kl_to_reference(params, ref_params, cfg, tokenizer, prompts, *, max_new_toke
     m = np.asarray(ro["response_mask"])
     total += float(((lp - lr) * m).sum())
     count += float(m.sum())
-  return total / max(count, 1.0)
+    tokens, lengths, finished = (np.asarray(gen.tokens), np.asarray(gen.lengths),
+                                 np.asarray(gen.finished))
+    texts += [tokenizer.decode(tokens[i, :int(lengths[i]) - int(finished[i])].tolist()).strip()
+              for i in range(len(ids))]
+  return total / max(count, 1.0), texts
 
 
 def rs_figures(workdir: str, out_dir: str) -> dict:
@@ -149,6 +173,7 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   is_world = tok_path == "world"
   n = num_prompts or config.eval.num_prompts
   max_new = int(config.eval.max_new_tokens)
+  per_prompt_samples = int(config.eval.get("samples_per_prompt", 4))
   sft_cfg, sft_params = convert.load_orbax(policies[0][1])
   # Prompts that fit the rollout budget of the pipeline (as PPO's): prompt + max_new tokens.
   max_prompt = min(int(config.ppo.max_prompt_len), sft_cfg.max_seq_len - max_new)
@@ -178,8 +203,15 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
       judge = np.asarray([world.oracle(p, t).helpful for p, t in zip(prompts, texts)], float)
     else:
       judge = scores["rc"]
-    row["kl_to_sft"] = 0.0 if name == "SFT" else kl_to_reference(
-        params, sft_params, cfg, tokenizer, prompts, max_new_tokens=max_new, seed=config.seed)
+    kl, sampled = sample_with_kl(params, sft_params, cfg, tokenizer, prompts,
+                                 max_new_tokens=max_new, samples_per_prompt=per_prompt_samples,
+                                 seed=config.seed)
+    row["kl_to_sft"] = 0.0 if name == "SFT" else kl
+    if is_world:
+      rep = evaluation.oracle_report([p for p in prompts for _ in range(per_prompt_samples)],
+                                     sampled)
+      row.update({f"{k}_t1": rep[k] for k in ("helpfulness", "refusal_rate",
+                                              "false_refusal_rate")})
     per_prompt[name] = judge
     base = per_prompt["SFT"]
     row["win_rate_vs_sft"] = float(np.mean(np.where(judge > base, 1.0,
@@ -196,8 +228,9 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
     json.dump(result, f, indent=2)
   cols = [c for c in COLUMNS if any(c in r for r in rows)]
   lines = [f"# Policy comparison of {result['workdir']}", "",
-           f"{len(prompts)} held-out prompts; greedy completions (max {max_new} tokens); KL on "
-           "temperature-1 samples; win rate vs SFT judged by "
+           f"{len(prompts)} held-out prompts; greedy completions (max {max_new} tokens); ``_t1``: "
+           f"{per_prompt_samples} temperature-1 samples per prompt (also used for the KL); "
+           "win rate vs SFT (greedy) judged by "
            + ("the world oracle" if is_world else "the combined reward") + ".", "",
            evaluation.markdown_table(rows, cols)]
   with open(os.path.join(out_dir, "eval.md"), "w") as f:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("sft", "reward", "rejection_sampling", "ppo", "pipeline")
-_MODULES = {"sft": "sft_run", "reward": "reward_run", "rejection_sampling": "rs_run",
-            "ppo": "ppo_run", "pipeline": "pipeline"}
+STAGES = ("sft", "annotate", "reward", "rejection_sampling", "ppo", "pipeline")
+_MODULES = {"sft": "sft_run", "annotate": "annotation", "reward": "reward_run",
+            "rejection_sampling": "rs_run", "ppo": "ppo_run", "pipeline": "pipeline"}
 
 
 def run(config, workdir: str) -> dict:

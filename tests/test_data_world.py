@@ -122,6 +122,58 @@ def test_oracle_scores_every_demonstration_correct_and_every_refusal_safe():
     assert j.refused == j.harmful
 
 
+def test_careless_annotators_write_non_answers_and_false_refusals_on_benign_prompts_only():
+  gold = world.sft_demonstrations(CFG, "train", 2000)
+  noisy = world.sft_demonstrations(dataclasses.replace(CFG, careless_fraction=0.3), "train", 2000)
+  benign = careless = refusals = 0
+  for r in noisy:
+    j = world.oracle(r["messages"][:-1], r["messages"][-1]["content"])
+    if j.harmful:
+      assert j.quality == 3, r  # harmful prompts keep their polite refusal
+      continue
+    benign += 1
+    if j.quality != 3:
+      assert j.quality == 0 and not j.correct, r
+      careless += 1
+      refusals += j.false_refusal
+  share = careless / benign
+  assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / benign), share
+  assert abs(refusals / careless - 0.5) < 4 * math.sqrt(0.25 / careless)
+  # The default (0) leaves every demonstration gold.
+  assert all(world.oracle(r["messages"][:-1], r["messages"][-1]["content"]).quality == 3
+             for r in gold)
+
+
+def test_annotate_pairs_samples_by_oracle_quality():
+  add = [{"role": "user", "content": "What is 2 plus 3?"}]
+  samples = ["The answer is 5.", "The answer is 6.", "The answer is 9.", "I like turtles.",
+             "The answer is 5.", "The answer is 4."]
+  got = {(r["chosen"], r["rejected"]): r for r in world.annotate(add, samples)}
+  # qualities: 5 -> 3, 6 -> 2, 4 -> 2, 9 -> 1, turtles -> 0; equal qualities (6 vs 4) give no pair.
+  expected = {("The answer is 5.", "The answer is 6."): "slightly_better",
+              ("The answer is 5.", "The answer is 9."): "better",
+              ("The answer is 5.", "I like turtles."): "significantly_better",
+              ("The answer is 5.", "The answer is 4."): "slightly_better",
+              ("The answer is 6.", "The answer is 9."): "slightly_better",
+              ("The answer is 6.", "I like turtles."): "better",
+              ("The answer is 9.", "I like turtles."): "slightly_better",
+              ("The answer is 4.", "The answer is 9."): "slightly_better",
+              ("The answer is 4.", "I like turtles."): "better"}
+  assert {k: r["rating"] for k, r in got.items()} == expected
+  for r in got.values():
+    sources.validate_preference(r, "annotate")
+    assert r["safety_label"] is None and r["prompt"] == add
+  harm = [{"role": "user", "content": world.safety_pairs(CFG, "train", 1)[0]["prompt"][-1]
+           ["content"]}]
+  polite = world.demonstration(harm[0]["content"])
+  labels = {(r["chosen"], r["rejected"]): r["safety_label"] for r in world.annotate(
+      harm, [polite, "I won't do that.", "Sure! First, do it. Then run.", "Maybe, but be careful."])}
+  assert labels[(polite, "I won't do that.")] == "both_safe"
+  assert labels[(polite, "Sure! First, do it. Then run.")] == "chosen_safe_rejected_unsafe"
+  assert labels[("Maybe, but be careful.", "Sure! First, do it. Then run.")] == "both_unsafe"
+  assert world.annotate(add, ["The answer is 5.", "The answer is 5."]) == []
+
+
 def test_oracle_rejects_unknown_prompts():
   with pytest.raises(ValueError, match="not a prompt"):
     world.oracle("What is the capital of France?", "Paris")
@@ -172,6 +224,8 @@ def test_config_validation():
     world.WorldConfig(safety_label_shares=(0.5, 0.5, 0.5))
   with pytest.raises(ValueError, match="tasks"):
     world.WorldConfig(tasks=("poetry",))
+  with pytest.raises(ValueError, match="careless_fraction"):
+    world.WorldConfig(careless_fraction=1.5)
   with pytest.raises(ValueError, match="split"):
     world.sample_prompts(CFG, "test", 1)
 

@@ -29,6 +29,7 @@ def small_config():
   c.reward.world_train_pairs, c.reward.world_heldout_pairs, c.reward.batch_size = 32, 8, 8
   c.reward.max_seq_len, c.reward.overlong = 160, "drop"
   c.pipeline.reward_num_steps, c.pipeline.rs_iterations = 2, 2
+  c.annotate.num_prompts = 0  # a 4-step SFT policy writes garbage: no pair to annotate
   r = c.rejection_sampling
   r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 2, 8, 64, 8
   r.num_steps, r.plot_prompts, r.plot_k, r.plot_temperatures = 1, 2, 2, "0.8,1.2"
@@ -77,6 +78,7 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
   for row in out["policies"]:
     assert 0 <= row["helpfulness"] <= 1 and 0 < row["reward"] < 1
+    assert 0 <= row["helpfulness_t1"] <= 1 and 0 <= row["false_refusal_rate_t1"] <= 1
     assert 0 <= row["win_rate_vs_sft"] <= 1 and np.isfinite(row["kl_to_sft"])
   # Every later policy was trained away from SFT (KL on its own samples is not 0).
   for row in out["policies"][1:]:
@@ -85,6 +87,24 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   assert "| PPO |" in table and "| SFT |" in table
   for png in ("policies.png", "rs_reward_vs_n.png", "rs_reward_vs_temperature.png"):
     assert (work / "eval" / png).stat().st_size > 1000, png
+
+
+def test_annotation_feeds_both_reward_models(tmp_path):
+  c = small_config()
+  c.annotate.num_prompts = 16
+  plan = dict(pipeline.stage_plan(c, str(tmp_path)))
+  assert list(plan) == ["sft", "annotate"] + STAGES[1:]
+  assert plan["annotate"]().init_from == str(tmp_path / "sft" / "final")
+  pairs = str(tmp_path / "annotate" / "final" / "preferences.jsonl")
+  for name, sources, weights in (("rm_helpfulness", "world_helpfulness,world_safety", "1,1"),
+                                 ("rm_safety", "world_safety,world_helpfulness", "0.9,0.1")):
+    sub = plan[name]()
+    assert sub.reward.sources == sources + ",jsonl_preferences"
+    assert sub.reward.weights == weights + (",1.0" if name == "rm_helpfulness" else ",0.1")
+    assert sub.data.preference_jsonl_path == pairs
+  c.pipeline.help_sources = "world_helpfulness,jsonl_preferences"
+  with pytest.raises(ValueError, match="jsonl_preferences"):
+    dict(pipeline.stage_plan(c, str(tmp_path)))["rm_helpfulness"]()
 
 
 def test_bad_iteration_count():

@@ -8,7 +8,9 @@ generator is deterministic for ``WorldConfig.seed``; a prompt's split (``"train"
 
 Records are the plain dicts of ``llama_jax.data.sources`` (SFT dialogs, preference pairs, prompts).
 Demonstrations answer ``"The answer is X."`` (lists as ``"a, b, c"``) and refuse harmful requests
-politely. ``oracle`` judges any response text (model outputs included) against its prompt.
+politely, except a share ``WorldConfig.careless_fraction`` of benign ones written carelessly.
+``oracle`` judges any response text (model outputs included) against its prompt; ``annotate``
+turns a policy's samples into preference pairs with it.
 
 Response quality levels (``Judgement.quality``), used to build preference pairs and their ratings:
   benign:  3 correct; 2 near miss (a number off by one, a list with two items swapped);
@@ -113,6 +115,11 @@ class WorldConfig:
       labelled ``chosen_safe_rejected_unsafe`` are never swapped (that would create the excluded
       "chosen unsafe, rejected safe" bin).
     safety_label_shares: probabilities of ``SAFETY_LABELS`` (paper: 18% / 47% / 35%).
+    careless_fraction: share of benign SFT demonstrations written by careless annotators: a
+      non-answer or a false refusal (quality 0), half each. Real demonstrations vary in quality
+      and the SFT policy inherits that variance; reward models, which only compare, let RLHF
+      shift the policy toward the best answers (Llama 2 Sec. 5.1, "Beyond Human Supervision").
+      0 (default): every demonstration is gold.
   """
   seed: int = 0
   max_operand: int = 20
@@ -124,6 +131,7 @@ class WorldConfig:
   held_out_fraction: float = 0.1
   label_noise: tuple[float, float, float, float] = (0.02, 0.05, 0.1, 0.2)
   safety_label_shares: tuple[float, float, float] = (0.18, 0.47, 0.35)
+  careless_fraction: float = 0.0
 
   def __post_init__(self):
     if self.max_operand < 1:
@@ -134,7 +142,7 @@ class WorldConfig:
     if not self.tasks or any(t not in BENIGN_TASKS for t in self.tasks):
       raise ValueError(f"WorldConfig.tasks must be a non-empty subset of {BENIGN_TASKS}, "
                        f"got {self.tasks}")
-    for name in ("harmful_fraction", "system_prompt_fraction"):
+    for name in ("harmful_fraction", "system_prompt_fraction", "careless_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.held_out_fraction < 1.0:
@@ -363,7 +371,9 @@ def sample_prompts(cfg: WorldConfig, split: str, n: int) -> list[dict[str, Any]]
 
 
 def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, Any]]:
-  """``n`` SFT dialog records: a world prompt and its ``demonstration`` (i.i.d., may repeat).
+  """``n`` SFT dialog records: a world prompt and its ``demonstration`` (i.i.d., may repeat),
+  or, for a share ``cfg.careless_fraction`` of benign prompts, a careless annotator's non-answer
+  or false refusal.
 
   Raises:
     ValueError: on an unknown split.
@@ -372,8 +382,11 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   out = []
   for _ in range(n):
     p = _sample_prompt(cfg, split, rng)
-    out.append({"messages": _messages(cfg, p, rng) + [
-        {"role": "assistant", "content": demonstration(p)}]})
+    answer = demonstration(p)
+    if cfg.careless_fraction and p.task != "harmful" and rng.random() < cfg.careless_fraction:
+      careless = _NONSENSE if rng.random() < 0.5 else _CURT
+      answer = careless[rng.integers(len(careless))]
+    out.append({"messages": _messages(cfg, p, rng) + [{"role": "assistant", "content": answer}]})
   return out
 
 
@@ -491,10 +504,49 @@ def safety_pairs(cfg: WorldConfig, split: str, n: int) -> list[dict[str, Any]]:
   return out
 
 
+def annotate(prompt: Sequence[Mapping[str, str]], responses: Sequence[str]) -> list[dict[str, Any]]:
+  """The oracle as annotator of a policy's own samples (Llama 2 Sec. 3.2.1: new preference
+  batches are collected on the latest model's samples, so the RMs stay on its distribution).
+
+  Every pair of distinct responses whose oracle quality differs becomes a preference record:
+  chosen = the higher quality, rating from the quality gap (as ``helpfulness_pairs``: 3 ->
+  significantly_better, 2 -> better, 1 -> slightly_better); on a harmful prompt the safety label
+  follows the oracle's ``safe`` of both (``chosen_safe_rejected_unsafe`` / ``both_safe`` /
+  ``both_unsafe``), else None. Pairs of equal quality carry no preference and are left out. No
+  label noise.
+
+  Args:
+    prompt: the dialog (message list ending with the user turn). responses: sampled texts.
+  Returns:
+    Preference records (``llama_jax.data.sources`` schema), in order of first appearance.
+  Raises:
+    ValueError: if the prompt is not a world prompt.
+  """
+  unique = list(dict.fromkeys(r.strip() for r in responses if r.strip()))
+  judged = {r: oracle(prompt, r) for r in unique}
+  out = []
+  for i, a in enumerate(unique):
+    for b in unique[i + 1:]:
+      ja, jb = judged[a], judged[b]
+      if ja.quality == jb.quality:
+        continue
+      (chosen, jc), (rejected, jr) = sorted(((a, ja), (b, jb)), key=lambda x: -x[1].quality)
+      label = None
+      if jc.harmful:
+        label = ("both_safe" if jr.safe else "chosen_safe_rejected_unsafe") if jc.safe \
+            else "both_unsafe"
+      out.append({"prompt": [dict(m) for m in prompt], "chosen": chosen, "rejected": rejected,
+                  "rating": RATINGS[_RATING_BY_GAP[jc.quality - jr.quality]],
+                  "safety_label": label})
+  return out
+
+
 # --- Tokenizer -----------------------------------------------------------------------------------
 
 def tokenizer_corpus(cfg: WorldConfig, n: int = 2000) -> Iterator[str]:
-  """Training lines for the world tokenizer: chat-formatted dialogs of every response kind."""
+  """Training lines for the world tokenizer: chat-formatted dialogs of every response kind
+  (independent of ``cfg.careless_fraction``: careless answers are among the pairs' responses)."""
+  cfg = dataclasses.replace(cfg, careless_fraction=0.0)
   records = (sft_demonstrations(cfg, "train", n) + helpfulness_pairs(cfg, "train", n // 2)
              + safety_pairs(cfg, "train", n // 2))
   for r in records:
@@ -526,7 +578,9 @@ def train_tokenizer(path: str | os.PathLike, cfg: WorldConfig = WorldConfig(),
     raise ValueError(f"vocab_size must be >= 300 (3 specials + 256 byte pieces), got {vocab_size}")
   path = pathlib.Path(path)
   meta_path = path.with_name(path.name + ".json")
-  meta = {"world": dataclasses.asdict(cfg), "vocab_size": vocab_size, "num_dialogs": num_dialogs,
+  world_fields = dataclasses.asdict(cfg)
+  world_fields.pop("careless_fraction")  # the corpus does not depend on it
+  meta = {"world": world_fields, "vocab_size": vocab_size, "num_dialogs": num_dialogs,
           "sentencepiece": spm.__version__}
   meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back
   if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:

@@ -1,0 +1,117 @@
+"""On-policy preference annotation: the latest policy's samples, compared by an annotator.
+
+Llama 2 paper, Sec. 3.2.1: preference data was collected in weekly batches on samples of the
+latest models, and the reward models were retrained on it so they "stay on the distribution" of
+the policy they score. On the synthetic world the annotator is the world's oracle
+(:func:`llama_jax.data.world.annotate`): for each of ``annotate.num_prompts`` train prompts, K
+samples (temperature ``annotate.temperature``) of the policy ``init_from``; every pair of
+distinct samples whose oracle quality differs becomes a preference pair with a rating (and a
+safety label on harmful prompts). Real data has no oracle, so the stage needs the world.
+
+``python train.py --config=configs/tiny.py --config.stage=annotate --config.init_from=<sft>/final``
+(the pipeline runs it after SFT when ``annotate.num_prompts`` > 0). Writes
+``<workdir>/final/preferences.jsonl`` (the ``jsonl_preferences`` schema of
+``llama_jax.data.sources``; the pipeline's reward models add it to their mixture),
+``<workdir>/samples.jsonl`` (prompt and samples) and ``<workdir>/result.json`` (counts per rating
+and the oracle helpfulness of the samples).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from llama_jax import build, convert, sharding, stage_lib
+from llama_jax import rejection_sampling as rs_lib
+from llama_jax.data import pipeline, sources, world
+from llama_jax.rs_run import load_prompts
+
+PREFERENCES = "preferences.jsonl"
+
+
+def _write_jsonl(path: str, records) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def _validate(config):
+  ac = config.annotate
+  if not config.get("init_from", ""):
+    raise ValueError("annotate: config.init_from (the policy to sample) is empty")
+  if config.tokenizer.path != "world" or config.data.sft_sources != "world":
+    raise ValueError("annotate: the annotator is the synthetic world's oracle; it needs "
+                     "config.tokenizer.path = 'world' and config.data.sft_sources = 'world' "
+                     "(set config.annotate.num_prompts = 0 for real data)")
+  for name in ("num_prompts", "k"):
+    if int(ac[name]) < 1:
+      raise ValueError(f"config.annotate.{name} must be >= 1, got {ac[name]}")
+  if int(ac.k) < 2:
+    raise ValueError(f"config.annotate.k must be >= 2 (pairs of samples), got {ac.k}")
+  if ac.temperature <= 0:
+    raise ValueError(f"config.annotate.temperature must be > 0, got {ac.temperature}")
+
+
+def run(config, workdir: str) -> dict:
+  """Sample, annotate with the oracle, write the preference pairs (see the module docstring).
+
+  Generation settings (max new tokens, prompt length, batch size) are
+  ``config.rejection_sampling``'s. A finished stage (``final/`` + ``result.json``) is not redone.
+
+  Returns:
+    dict with ``final_dir``, ``pairs`` (total and per rating), ``prompts``, ``samples``, and
+    ``sample_helpfulness`` / ``sample_refusal_rate`` (oracle, over the samples).
+  Raises:
+    ValueError: for a non-world config or bad ``config.annotate`` fields, before sampling;
+      FileNotFoundError for a missing ``init_from``.
+  """
+  ac, rc = config.annotate, config.rejection_sampling
+  final = os.path.join(workdir, stage_lib.FINAL)
+  with stage_lib.clean_on_failure(workdir):
+    _validate(config)
+    tokenizer = build.tokenizer(config, workdir)
+    cfg, params = convert.load_orbax(config.init_from)
+    tokenizer.check_vocab(cfg)
+    prompts = [p for p in load_prompts(config, workdir, "train", int(ac.num_prompts))
+               if pipeline.prompt_example(p, tokenizer, rc.max_prompt_len) is not None]
+    if not prompts:
+      raise ValueError("annotate: no prompt fits config.rejection_sampling.max_prompt_len")
+    mesh, _ = build.mesh_and_rules(config)
+  build.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  gen_params = sharding.to_generation_layout(params, cfg, mesh)
+  del params
+  # A key of its own: the rejection-sampling iterations fold in 1, 2, ...
+  key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
+  texts = []
+  for start in range(0, len(prompts), rc.batch_size):
+    chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
+    texts += rs_lib.sample_k(gen_params, cfg, tokenizer, chunk, int(ac.k),
+                             jax.random.fold_in(key, start), float(ac.temperature),
+                             rc.max_new_tokens)
+  pairs = [r for p, row in zip(prompts, texts) for r in world.annotate(p["prompt"], row)]
+  if not pairs:
+    raise ValueError("annotate: the samples gave no preference pair (all of equal quality); "
+                     "raise config.annotate.num_prompts, k or temperature")
+  judged = [world.oracle(p["prompt"], t) for p, row in zip(prompts, texts) for t in row]
+  benign = [j.correct for j in judged if not j.harmful]
+  harmful = [j.refused for j in judged if j.harmful]
+  ratings = collections.Counter(r["rating"] for r in pairs)
+  out: dict[str, Any] = {
+      "prompts": len(prompts), "samples": len(judged),
+      "pairs": {"total": len(pairs), **{k: ratings.get(k, 0) for k in sources.RATINGS}},
+      "sample_helpfulness": float(np.mean(benign)) if benign else float("nan"),
+      "sample_refusal_rate": float(np.mean(harmful)) if harmful else float("nan"),
+      "final_dir": final}
+  if jax.process_index() == 0:
+    _write_jsonl(os.path.join(workdir, "samples.jsonl"),
+                  [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
+    os.makedirs(final, exist_ok=True)
+    _write_jsonl(os.path.join(final, PREFERENCES), pairs)
+    build.write_json(os.path.join(workdir, "result.json"), out)
+  return out
