@@ -78,7 +78,6 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       sub.optimizer.warmup_frac = p.reward_warmup_frac
       sub.train.num_epochs = p.reward_num_epochs
       sub.train.num_steps = p.reward_num_steps
-      sub.train.stop_after_steps = 0
       return sub
     return make
 

@@ -192,7 +192,9 @@ def run(config, workdir: str) -> dict:
   """Train a reward model per ``config`` in ``workdir`` (resuming if it has a checkpoint).
 
   Returns:
-    dict with ``final_dir``, ``steps``, the last train metrics and held-out ``eval`` metrics.
+    dict with ``steps``, ``total_steps``, ``finished``, the last train metrics and, when
+    finished, ``final_dir`` and held-out ``eval`` metrics. ``train.stop_after_steps`` > 0 stops
+    after that many steps in this call (checkpointed; the next call resumes).
   Raises:
     ValueError / FileNotFoundError: on bad config fields or data (a malformed or overlong
       preference record names its file and line), before step 0 and, when the workdir is new,
@@ -237,11 +239,13 @@ def run(config, workdir: str) -> dict:
   result = run_loop(state, step_fn, batches, total_steps=steps, checkpointer=checkpointer,
                     writer=writer, log_every=config.train.log_every,
                     eval_every=config.train.eval_every, eval_fn=held_out, put_batch=put_batch,
-                    desc=f"reward/{rc.model}")
+                    desc=f"reward/{rc.model}", stop_after_steps=config.train.stop_after_steps)
   checkpointer.close()
-  out: dict[str, Any] = {"steps": result.last_step, "train": result.last_metrics,
-                         "stopped": result.stopped_by_signal}
-  if not result.stopped_by_signal:
+  finished = result.last_step >= steps
+  out: dict[str, Any] = {"steps": result.last_step, "total_steps": steps,
+                         "train": result.last_metrics, "stopped": result.stopped_by_signal,
+                         "finished": finished}
+  if finished:
     final = os.path.join(workdir, stage_lib.FINAL)
     if jax.process_index() == 0 and os.path.exists(final):
       shutil.rmtree(final)

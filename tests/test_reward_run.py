@@ -110,6 +110,22 @@ def test_tiny_world_smoke_from_sft_checkpoint_and_eval(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
 
 
+def test_stop_after_steps_then_resume_equals_uninterrupted(tmp_path):
+  c = _tiny_config(tmp_path)
+  full = reward_run.run(c, str(tmp_path / "full"))
+  c.train.stop_after_steps = 1
+  first = reward_run.run(c, str(tmp_path / "split"))
+  assert first["steps"] == 1 and not first["finished"] and "final_dir" not in first
+  assert not os.path.exists(tmp_path / "split" / "result.json")
+  c.train.stop_after_steps = 0
+  rest = reward_run.run(c, str(tmp_path / "split"))
+  assert rest["finished"] and rest["steps"] == full["steps"] == 3
+  _, a = reward.load_reward_model(full["final_dir"])
+  _, b = reward.load_reward_model(rest["final_dir"])
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_hh_rlhf_safety_smoke(tmp_path, hh_rlhf_path, llama2_tokenizer_path):
   c = reward_hh_tiny.get_config()
   c.tokenizer.path = str(llama2_tokenizer_path)
