@@ -91,6 +91,18 @@ def test_bad_record_writes_nothing(tmp_path):
   assert list(data_dir.iterdir()) == []
 
 
+def test_empty_split_is_a_clear_error(tmp_path):
+  path = tmp_path / "prefs.jsonl"  # one prompt: its pairs all land in one split
+  path.write_text("\n".join(json.dumps({"prompt": "q", "chosen": f"a{i}", "rejected": "b"})
+                            for i in range(3)))
+  data_dir = tmp_path / "tfds"
+  builder = tb.JsonlPreferences(config=tb.SourceConfig(name="one", source_path=str(path)),
+                                data_dir=str(data_dir))
+  with pytest.raises(ValueError, match=rf"{path}: the '(train|held_out)' split is empty"):
+    builder.download_and_prepare()
+  assert _files(data_dir) == []  # nothing written
+
+
 def test_config_errors(tmp_path):
   with pytest.raises(ValueError, match="kind"):
     tb.JsonlSft(config=tb.SourceConfig(name="x", source_path="f.jsonl", kind="preference"),

@@ -175,7 +175,14 @@ class _FileBuilder(_RecordBuilder):
     records = list(self._records(cfg.source_path, kind))
     if kind == "prompt":
       records = [_as_prompt(r, cfg.is_safety) for r in records]
-    return split_records(records, cfg.held_out_fraction, cfg.split_seed)
+    splits = split_records(records, cfg.held_out_fraction, cfg.split_seed)
+    for name, part in splits.items():
+      if not part:
+        raise ValueError(
+            f"{cfg.source_path}: the {name!r} split is empty ({len(records)} record(s), "
+            f"held-out fraction {cfg.held_out_fraction} by prompt hash); add records or change "
+            "config.data.heldout_fraction / config.data.split_seed")
+    return splits
 
 
 def _as_prompt(record: dict[str, Any], is_safety: bool) -> dict[str, Any]:
