@@ -155,6 +155,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.annotate.num_prompts = 0
   c.annotate.k = 4
   c.annotate.temperature = 1.0
+  # Pipeline: annotation rounds. 1 = once, on SFT samples; j > 1 adds a round before
+  # rejection-sampling iteration j (or PPO) on the latest policy's samples, pairs accumulated,
+  # RMs retrained (at most rs_iterations + 1 with PPO).
+  c.annotate.rounds = 1
+  # Set by the pipeline: this round's number (sampling key) and the previous round's pairs, which
+  # are copied into this round's preferences.jsonl ("" = none).
+  c.annotate.round = 1
+  c.annotate.accumulate_from = ""
 
   # ---- reward models (stage "reward"; llama_jax.reward, Llama 2 Sec. 3.2.2) --------------------
   # Generic JSONL of preference pairs (schema in llama_jax/data/sources.py), source

@@ -13,7 +13,9 @@ safety label on harmful prompts). Real data has no oracle, so the stage needs th
 ``<workdir>/final/preferences.jsonl`` (the ``jsonl_preferences`` schema of
 ``llama_jax.data.sources``; the pipeline's reward models add it to their mixture),
 ``<workdir>/samples.jsonl`` (prompt and samples) and ``<workdir>/result.json`` (counts per rating
-and the oracle helpfulness of the samples).
+and the oracle helpfulness of the samples). With ``annotate.accumulate_from`` (the pipeline's later
+rounds) the earlier round's pairs come first in ``preferences.jsonl``: the RMs retrain on all
+batches so far.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def run(config, workdir: str) -> dict:
   ``config.rejection_sampling``'s. A finished stage (``final/`` + ``result.json``) is not redone.
 
   Returns:
-    dict with ``final_dir``, ``pairs`` (total and per rating), ``prompts``, ``samples``, and
+    dict with ``final_dir``, ``pairs`` (total with the accumulated ones, ``new`` of this round,
+    per rating), ``prompts``, ``samples``, and
     ``sample_helpfulness`` / ``sample_refusal_rate`` (oracle, over the samples).
   Raises:
     ValueError: for a non-world config or bad ``config.annotate`` fields, before sampling;
@@ -82,12 +85,17 @@ def run(config, workdir: str) -> dict:
                if pipeline.prompt_example(p, tokenizer, rc.max_prompt_len) is not None]
     if not prompts:
       raise ValueError("annotate: no prompt fits config.rejection_sampling.max_prompt_len")
+    earlier = []
+    if ac.get("accumulate_from", ""):
+      if not os.path.isfile(ac.accumulate_from):
+        raise FileNotFoundError(f"config.annotate.accumulate_from: {ac.accumulate_from!r} not found")
+      earlier = list(sources.read_jsonl_preferences(ac.accumulate_from))
     mesh, _ = build.mesh_and_rules(config)
   build.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   gen_params = sharding.to_generation_layout(params, cfg, mesh)
   del params
-  # A key of its own: the rejection-sampling iterations fold in 1, 2, ...
-  key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
+  # A key of its own per round: the rejection-sampling iterations fold in 1, 2, ...
+  key = jax.random.fold_in(jax.random.key(config.seed), (1 << 20) + int(ac.get("round", 1)))
   texts = []
   for start in range(0, len(prompts), rc.batch_size):
     chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
@@ -95,16 +103,19 @@ def run(config, workdir: str) -> dict:
                              jax.random.fold_in(key, start), float(ac.temperature),
                              rc.max_new_tokens)
   pairs = [r for p, row in zip(prompts, texts) for r in world.annotate(p["prompt"], row)]
+  new_pairs = len(pairs)
   if not pairs:
     raise ValueError("annotate: the samples gave no preference pair (all of equal quality); "
                      "raise config.annotate.num_prompts, k or temperature")
   judged = [world.oracle(p["prompt"], t) for p, row in zip(prompts, texts) for t in row]
   benign = [j.correct for j in judged if not j.harmful]
   harmful = [j.refused for j in judged if j.harmful]
+  pairs = earlier + pairs
   ratings = collections.Counter(r["rating"] for r in pairs)
   out: dict[str, Any] = {
       "prompts": len(prompts), "samples": len(judged),
-      "pairs": {"total": len(pairs), **{k: ratings.get(k, 0) for k in sources.RATINGS}},
+      "pairs": {"total": len(pairs), "new": new_pairs,
+                **{k: ratings.get(k, 0) for k in sources.RATINGS}},
       "sample_helpfulness": float(np.mean(benign)) if benign else float("nan"),
       "sample_refusal_rate": float(np.mean(harmful)) if harmful else float("nan"),
       "final_dir": final}

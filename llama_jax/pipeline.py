@@ -12,6 +12,9 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
   <workdir>/rm_safety       stage "reward"              init_from sft; pipeline.safety_* mixture,
                                                         seed + 1
   <workdir>/rs_<i>          stage "rejection_sampling"  init_from sft or rs_<i-1>; pools rs_1..i-1
+  <workdir>/annotate_<j>,   annotation round j >= 2 (annotate.rounds), before rs_<j> or PPO:
+    rm_helpfulness_<j>,     samples of rs_<j-1>, pairs accumulated with the earlier rounds', RMs
+    rm_safety_<j>           retrained from sft on them; later stages use the newest RMs
   <workdir>/ppo             stage "ppo"                 init_from the last rs (or sft); value = help RM
 
 A sub-stage with ``final/`` and ``result.json`` is done and skipped; an unfinished one resumes
@@ -42,29 +45,90 @@ def is_done(path: str) -> bool:
                                                                                     "result.json"))
 
 
+def rm_name(kind: str, round_: int) -> str:
+  """Sub-workdir of the ``kind`` ("helpfulness" | "safety") reward model of annotation round
+  ``round_`` (1-based): ``rm_<kind>`` for the first, ``rm_<kind>_<round>`` after."""
+  return f"rm_{kind}" if round_ == 1 else f"rm_{kind}_{round_}"
+
+
+def annotate_name(round_: int) -> str:
+  return "annotate" if round_ == 1 else f"annotate_{round_}"
+
+
+def num_rounds(config) -> int:
+  """Reward-model rounds of the pipeline: ``annotate.rounds`` when annotating, else 1.
+
+  Raises:
+    ValueError: if ``annotate.rounds`` is not in [1, rs_iterations + 1 (with PPO)].
+  """
+  if config.annotate.num_prompts <= 0:
+    return 1
+  rounds = int(config.annotate.get("rounds", 1))
+  most = config.pipeline.rs_iterations + int(bool(config.pipeline.ppo))
+  if not 1 <= rounds <= max(most, 1):
+    raise ValueError(f"config.annotate.rounds must be in [1, {max(most, 1)}] (one round before "
+                     f"each rejection-sampling iteration and PPO), got {rounds}")
+  return rounds
+
+
+def latest_reward_models(workdir: str) -> Tuple[str, str]:
+  """``(helpfulness, safety)`` final dirs of the last finished reward-model round of a pipeline
+  workdir (safety "" if absent)."""
+  j = 1
+  while is_done(os.path.join(workdir, rm_name("helpfulness", j + 1))):
+    j += 1
+  safety = os.path.join(workdir, rm_name("safety", j), "final")
+  return (os.path.join(workdir, rm_name("helpfulness", j), "final"),
+          safety if os.path.isdir(safety) else "")
+
+
 def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
   """``[(name, make_config)]`` in order; ``make_config()`` builds the sub-stage config (it reads
-  nothing, so a plan can be listed before anything ran). Sub-workdirs are ``<workdir>/<name>``."""
+  nothing, so a plan can be listed before anything ran). Sub-workdirs are ``<workdir>/<name>``.
+
+  With ``annotate.num_prompts`` > 0, annotation round ``j`` (``annotate``, ``annotate_2``, ...)
+  samples the latest policy (SFT, then RLHF-V<j-1>), accumulates its pairs with the earlier
+  rounds', and retrains both RMs on them (Sec. 3.2.1: weekly batches, RMs kept on the newest
+  policy's distribution); round ``j`` runs before rejection-sampling iteration ``j`` (or PPO),
+  and each stage uses the newest RMs.
+
+  Raises:
+    ValueError: for an impossible ``annotate.rounds`` or a mixture that already names
+      ``jsonl_preferences`` while annotating.
+  """
   p = config.pipeline
   path = lambda name: os.path.join(os.path.abspath(workdir), name)
   final = lambda name: os.path.join(path(name), "final")
+  annotating = config.annotate.num_prompts > 0
+  rounds = num_rounds(config)
+  prefs = lambda j: os.path.join(final(annotate_name(j)), annotation.PREFERENCES)
 
   def sft():
     sub = copy_config(config)
     sub.stage = "sft"
     return sub
 
-  def rm(kind):
+  def annotate(j):
+    def make():
+      sub = copy_config(config)
+      sub.stage = "annotate"
+      sub.init_from = final("sft" if j == 1 else f"rs_{j - 1}")
+      sub.annotate.round = j
+      sub.annotate.accumulate_from = prefs(j - 1) if j > 1 else ""
+      return sub
+    return make
+
+  def rm(kind, j):
     def make():
       sub = copy_config(config)
       sub.stage = "reward"
       sub.init_from = final("sft")
       sub.reward.model = kind
       # Distinct seeds (head init, data order): two RMs on the same data must not be one model.
-      sub.seed = config.seed + (0 if kind == "helpfulness" else 1)
+      sub.seed = config.seed + (0 if kind == "helpfulness" else 1) + 2 * (j - 1)
       key = "help" if kind == "helpfulness" else "safety"
       sub.reward.sources, sub.reward.weights = p[f"{key}_sources"], p[f"{key}_weights"]
-      if config.annotate.num_prompts > 0:
+      if annotating:
         if "jsonl_preferences" in build.parse_list(sub.reward.sources, "pipeline sources"):
           raise ValueError("config.annotate.num_prompts > 0 adds the annotated pairs as the "
                            f"jsonl_preferences source; pipeline.{key}_sources has one already")
@@ -72,8 +136,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
         weights = build.parse_list(sub.reward.weights, f"config.pipeline.{key}_weights")
         if weights:
           sub.reward.weights += f",{p[f'annotate_{key}_weight']}"
-        sub.data.preference_jsonl_path = os.path.join(final("annotate"),
-                                                      annotation.PREFERENCES)
+        sub.data.preference_jsonl_path = prefs(j)
       sub.optimizer.lr = p.reward_lr
       sub.optimizer.warmup_frac = p.reward_warmup_frac
       sub.train.num_epochs = p.reward_num_epochs
@@ -81,14 +144,17 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       return sub
     return make
 
+  def rms_for(i):  # the RMs used by RS iteration i (PPO: i = rs_iterations + 1)
+    j = min(i, rounds)
+    return final(rm_name("helpfulness", j)), final(rm_name("safety", j))
+
   def rs(i):
     def make():
       sub = copy_config(config)
       sub.stage = "rejection_sampling"
       sub.init_from = final("sft" if i == 1 else f"rs_{i - 1}")
       sub.rejection_sampling.iteration = i
-      sub.rejection_sampling.help_rm = final("rm_helpfulness")
-      sub.rejection_sampling.safety_rm = final("rm_safety")
+      sub.rejection_sampling.help_rm, sub.rejection_sampling.safety_rm = rms_for(i)
       sub.rejection_sampling.pool_from = ",".join(os.path.join(path(f"rs_{j}"), "sampled.jsonl")
                                                   for j in range(1, i))
       return sub
@@ -98,22 +164,22 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
     sub = copy_config(config)
     sub.stage = "ppo"
     sub.init_from = final(f"rs_{p.rs_iterations}" if p.rs_iterations else "sft")
-    sub.ppo.help_rm = final("rm_helpfulness")
-    sub.ppo.safety_rm = final("rm_safety")
+    sub.ppo.help_rm, sub.ppo.safety_rm = rms_for(p.rs_iterations + 1)
     return sub
 
-  def annotate():
-    sub = copy_config(config)
-    sub.stage = "annotate"
-    sub.init_from = final("sft")
-    return sub
+  def round_stages(j):
+    out = [(annotate_name(j), annotate(j))] if annotating else []
+    return out + [(rm_name("helpfulness", j), rm("helpfulness", j)),
+                  (rm_name("safety", j), rm("safety", j))]
 
-  plan = [("sft", sft)]
-  if config.annotate.num_prompts > 0:
-    plan.append(("annotate", annotate))
-  plan += [("rm_helpfulness", rm("helpfulness")), ("rm_safety", rm("safety"))]
-  plan += [(f"rs_{i}", rs(i)) for i in range(1, p.rs_iterations + 1)]
+  plan = [("sft", sft)] + round_stages(1)
+  for i in range(1, p.rs_iterations + 1):
+    if 1 < i <= rounds:
+      plan += round_stages(i)
+    plan.append((f"rs_{i}", rs(i)))
   if p.ppo:
+    if 1 < p.rs_iterations + 1 <= rounds:
+      plan += round_stages(p.rs_iterations + 1)
     plan.append(("ppo", ppo_stage))
   return plan
 

@@ -85,6 +85,30 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
   assert json.loads((work / "result.json").read_text())["pairs"]["total"] == 10
 
 
+def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch):
+  monkeypatch.setattr(annotation.rs_lib, "sample_k", lambda params, cfg, tok, prompts, *a, **k: [
+      ["The answer is 1000.", "I like turtles."] for _ in prompts])
+  earlier = tmp_path / "earlier.jsonl"
+  old = [{"prompt": "What is 1 plus 1?", "chosen": "The answer is 2.", "rejected": "Blue.",
+          "rating": "better", "safety_label": None}]
+  earlier.write_text("\n".join(json.dumps(r) for r in old) + "\n")
+  work = _workdir(models, tmp_path)
+  res = stages.run(make_config(models, accumulate_from=str(earlier), round=2), str(work))
+  lines = (work / "final" / annotation.PREFERENCES).read_text().splitlines()
+  assert json.loads(lines[0])["chosen"] == "The answer is 2."
+  prompts = [json.loads(x)["prompt"] for x in (work / "samples.jsonl").read_text().splitlines()]
+  # "The answer is 1000." is a wrong number (quality 1) on numeric tasks, no answer (0) on list
+  # tasks and harmful prompts, where it ties with the non-answer: a pair on numeric tasks only.
+  numeric = sum(world.parse_prompt(p[-1]["content"]).task in
+                ("add", "subtract", "count_letter", "count_words") for p in prompts)
+  assert numeric > 0
+  assert res["pairs"]["new"] == numeric and res["pairs"]["total"] == numeric + 1 == len(lines)
+  c = make_config(models, accumulate_from=str(tmp_path / "missing.jsonl"))
+  with pytest.raises(FileNotFoundError, match="accumulate_from"):
+    stages.run(c, str(tmp_path / "m"))
+  assert not (tmp_path / "m").exists()
+
+
 def test_validation_before_anything_is_written(models, tmp_path):
   c = make_config(models, k=1)
   with pytest.raises(ValueError, match="annotate.k"):

@@ -91,7 +91,7 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
 
 def test_annotation_feeds_both_reward_models(tmp_path):
   c = small_config()
-  c.annotate.num_prompts = 16
+  c.annotate.num_prompts, c.annotate.rounds = 16, 1
   plan = dict(pipeline.stage_plan(c, str(tmp_path)))
   assert list(plan) == ["sft", "annotate"] + STAGES[1:]
   assert plan["annotate"]().init_from == str(tmp_path / "sft" / "final")
@@ -105,6 +105,37 @@ def test_annotation_feeds_both_reward_models(tmp_path):
   c.pipeline.help_sources = "world_helpfulness,jsonl_preferences"
   with pytest.raises(ValueError, match="jsonl_preferences"):
     dict(pipeline.stage_plan(c, str(tmp_path)))["rm_helpfulness"]()
+
+
+def test_annotation_rounds_retrain_the_rms_on_the_newest_policy(tmp_path):
+  c = small_config()
+  c.annotate.num_prompts, c.annotate.rounds = 16, 3
+  plan = dict(pipeline.stage_plan(c, str(tmp_path)))
+  assert list(plan) == ["sft", "annotate", "rm_helpfulness", "rm_safety", "rs_1", "annotate_2",
+                        "rm_helpfulness_2", "rm_safety_2", "rs_2", "annotate_3",
+                        "rm_helpfulness_3", "rm_safety_3", "ppo"]
+  final = lambda name: str(tmp_path / name / "final")
+  prefs = lambda name: str(tmp_path / name / "final" / "preferences.jsonl")
+  a2, a3 = plan["annotate_2"](), plan["annotate_3"]()
+  assert (a2.init_from, a2.annotate.accumulate_from) == (final("rs_1"), prefs("annotate"))
+  assert (a3.init_from, a3.annotate.accumulate_from) == (final("rs_2"), prefs("annotate_2"))
+  assert plan["rm_safety_3"]().data.preference_jsonl_path == prefs("annotate_3")
+  assert plan["rm_helpfulness_2"]().init_from == final("sft")
+  seeds = {plan[n]().seed for n in plan if n.startswith("rm_")}
+  assert len(seeds) == 6  # six distinct reward models
+  assert plan["rs_1"]().rejection_sampling.help_rm == final("rm_helpfulness")
+  assert plan["rs_2"]().rejection_sampling.safety_rm == final("rm_safety_2")
+  assert (plan["ppo"]().ppo.help_rm, plan["ppo"]().ppo.safety_rm) == (
+      final("rm_helpfulness_3"), final("rm_safety_3"))
+  # The newest finished round is what eval.py scores with.
+  for name in ("rm_helpfulness", "rm_safety", "rm_helpfulness_2", "rm_safety_2"):
+    (tmp_path / name / "final").mkdir(parents=True)
+    (tmp_path / name / "result.json").write_text("{}")
+  assert pipeline.latest_reward_models(str(tmp_path)) == (final("rm_helpfulness_2"),
+                                                          final("rm_safety_2"))
+  c.annotate.rounds = 4
+  with pytest.raises(ValueError, match="annotate.rounds"):
+    pipeline.stage_plan(c, str(tmp_path))
 
 
 def test_bad_iteration_count():
