@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from llama_jax import build, convert, sharding, stage_lib
@@ -64,7 +65,9 @@ def run(config, workdir: str) -> dict:
   """Sample, annotate with the oracle, write the preference pairs (see the module docstring).
 
   Generation settings (max new tokens, prompt length, batch size) are
-  ``config.rejection_sampling``'s. A finished stage (``final/`` + ``result.json``) is not redone.
+  ``config.rejection_sampling``'s. Every process samples the same prompts; process 0 writes, and
+  all processes wait for it before returning. The pipeline skips a finished stage (``final/`` +
+  ``result.json``).
 
   Returns:
     dict with ``final_dir``, ``pairs`` (total with the accumulated ones, ``new`` of this round,
@@ -121,8 +124,10 @@ def run(config, workdir: str) -> dict:
       "final_dir": final}
   if jax.process_index() == 0:
     _write_jsonl(os.path.join(workdir, "samples.jsonl"),
-                  [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
+                 [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
     os.makedirs(final, exist_ok=True)
     _write_jsonl(os.path.join(final, PREFERENCES), pairs)
     build.write_json(os.path.join(workdir, "result.json"), out)
+  if jax.process_count() > 1:  # the next stage reads the pairs on every process
+    multihost_utils.sync_global_devices("annotate: preferences written")
   return out

@@ -29,6 +29,7 @@ import shutil
 from typing import Any, List, Mapping, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -291,6 +292,8 @@ def run(config, workdir: str) -> dict:
       for r in sft_records:
         f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(sft_jsonl + ".tmp", sft_jsonl)
+  if jax.process_count() > 1:  # the fine-tune reads sft_data.jsonl on every process
+    multihost_utils.sync_global_devices("rejection sampling: sft_data written")
   best = np.asarray([rs_lib.best_score(r) for r in records])
   stats = {"prompts": len(records), "k": int(scores.shape[1]), "reward_mean": float(scores.mean()),
            "reward_median": float(np.median(scores, axis=1).mean()),
