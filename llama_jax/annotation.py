@@ -21,7 +21,6 @@ batches so far.
 from __future__ import annotations
 
 import collections
-import json
 import os
 from typing import Any
 
@@ -37,13 +36,6 @@ from llama_jax.rs_run import load_prompts
 PREFERENCES = "preferences.jsonl"
 
 
-def _write_jsonl(path: str, records) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
-
-
 def _validate(config):
   ac = config.annotate
   if not config.get("init_from", ""):
@@ -52,9 +44,8 @@ def _validate(config):
     raise ValueError("annotate: the annotator is the synthetic world's oracle; it needs "
                      "config.tokenizer.path = 'world' and config.data.sft_sources = 'world' "
                      "(set config.annotate.num_prompts = 0 for real data)")
-  for name in ("num_prompts", "k"):
-    if int(ac[name]) < 1:
-      raise ValueError(f"config.annotate.{name} must be >= 1, got {ac[name]}")
+  if int(ac.num_prompts) < 1:
+    raise ValueError(f"config.annotate.num_prompts must be >= 1, got {ac.num_prompts}")
   if int(ac.k) < 2:
     raise ValueError(f"config.annotate.k must be >= 2 (pairs of samples), got {ac.k}")
   if ac.temperature <= 0:
@@ -123,10 +114,10 @@ def run(config, workdir: str) -> dict:
       "sample_refusal_rate": float(np.mean(harmful)) if harmful else float("nan"),
       "final_dir": final}
   if jax.process_index() == 0:
-    _write_jsonl(os.path.join(workdir, "samples.jsonl"),
+    sources.write_jsonl(os.path.join(workdir, "samples.jsonl"),
                  [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
     os.makedirs(final, exist_ok=True)
-    _write_jsonl(os.path.join(final, PREFERENCES), pairs)
+    sources.write_jsonl(os.path.join(final, PREFERENCES), pairs)
     build.write_json(os.path.join(workdir, "result.json"), out)
   if jax.process_count() > 1:  # the next stage reads the pairs on every process
     multihost_utils.sync_global_devices("annotate: preferences written")

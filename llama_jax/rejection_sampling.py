@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from llama_jax import sampling
+from llama_jax.data import sources
 
 Record = Dict[str, Any]
 RECORD_KEYS = ("prompt", "samples", "scores", "chosen", "iteration", "temperature")
@@ -138,12 +139,13 @@ def pool(previous_pool: Mapping[str, Record], new_records: Iterable[Record]) -> 
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> str:
-  """Write records (validated) one JSON object per line; returns the path."""
-  path = os.fspath(path)
-  with open(path, "w", encoding="utf-8") as f:
-    for i, record in enumerate(records):
-      f.write(json.dumps(validate_record(record, f"record {i}"), ensure_ascii=False) + "\n")
-  return path
+  """Write records (validated) one JSON object per line, atomically; returns the path.
+
+  Raises:
+    ValueError: naming the record, for a malformed one (nothing is written).
+  """
+  return sources.write_jsonl(path, [validate_record(r, f"record {i}")
+                                    for i, r in enumerate(records)])
 
 
 def read_jsonl(path: str | os.PathLike) -> List[Record]:

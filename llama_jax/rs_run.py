@@ -35,7 +35,7 @@ import numpy as np
 
 from llama_jax import build, convert, reward, rl, sft_run, sharding, stage_lib
 from llama_jax import rejection_sampling as rs_lib
-from llama_jax.data import pipeline, world
+from llama_jax.data import pipeline, sources, world
 
 log = logging.getLogger(__name__)
 PROMPT_SOURCES = ("hh_rlhf", "self_instruct", "jsonl")
@@ -124,13 +124,6 @@ def score_dialogs(rcfg, help_params, safe_params, tokenizer, prompts: Sequence[S
 def copy_config(config) -> ml_collections.ConfigDict:
   """An unlocked deep copy of a (possibly locked) config."""
   return ml_collections.ConfigDict(config.to_dict())
-
-
-def _atomic_jsonl(path: str, records) -> str:
-  tmp = path + ".tmp"
-  rs_lib.write_jsonl(tmp, records)
-  os.replace(tmp, path)
-  return path
 
 
 # ---- the stage -----------------------------------------------------------------------------------
@@ -270,7 +263,7 @@ def run(config, workdir: str) -> dict:
     records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
                                   iteration=rc.iteration, temperature=rc.temperature)
     if jax.process_index() == 0:
-      _atomic_jsonl(sampled_path, records)
+      rs_lib.write_jsonl(sampled_path, records)
   scores = np.asarray([r["scores"] for r in records])
   fig_json = os.path.join(workdir, "figures", "figures.json")
   if not os.path.exists(fig_json):
@@ -287,11 +280,8 @@ def run(config, workdir: str) -> dict:
   sft_jsonl = os.path.join(workdir, "sft_data.jsonl")
   sft_records = rs_lib.to_sft_records(pooled)
   if jax.process_index() == 0:
-    _atomic_jsonl(os.path.join(workdir, "pooled.jsonl"), [pooled[k] for k in sorted(pooled)])
-    with open(sft_jsonl + ".tmp", "w", encoding="utf-8") as f:
-      for r in sft_records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(sft_jsonl + ".tmp", sft_jsonl)
+    rs_lib.write_jsonl(os.path.join(workdir, "pooled.jsonl"), [pooled[k] for k in sorted(pooled)])
+    sources.write_jsonl(sft_jsonl, sft_records)
   if jax.process_count() > 1:  # the fine-tune reads sft_data.jsonl on every process
     multihost_utils.sync_global_devices("rejection sampling: sft_data written")
   best = np.asarray([rs_lib.best_score(r) for r in records])

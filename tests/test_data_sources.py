@@ -83,6 +83,18 @@ def test_jsonl_preferences_round_trip(tmp_path):
                "safety_label": None}
 
 
+def test_write_jsonl_round_trips_and_replaces_atomically(tmp_path):
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("stale\n")
+  records = [{"prompt": "Zähle: 1, 2?", "chosen": "Drei.", "rejected": "Zwei.",
+              "rating": "better", "safety_label": None}]
+  assert sources.write_jsonl(path, records) == str(path)
+  assert list(sources.read_jsonl_preferences(path)) == [
+      dict(records[0], prompt=[{"role": "user", "content": "Zähle: 1, 2?"}])]
+  assert "Zähle" in path.read_text(encoding="utf-8")  # UTF-8, not \u escapes
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # no .tmp left
+
+
 @pytest.mark.parametrize("change,field", [
     ({"chosen": None}, "chosen"), ({"rejected": ""}, "rejected"), ({"chosen": "   "}, "chosen"),
     ({"rejected": "4"}, "rejected"), ({"rejected": " 4 "}, "rejected"),

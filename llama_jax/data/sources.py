@@ -45,7 +45,7 @@ import gzip
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from llama_jax.tokenizer import ROLES, SPECIAL_TAGS
 
@@ -192,6 +192,17 @@ def _open_text(path: PathLike):
   if path.endswith(".gz"):
     return gzip.open(path, "rt", encoding="utf-8")
   return open(path, "r", encoding="utf-8")
+
+
+def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> str:
+  """Writes records one JSON object per line (UTF-8), atomically: a ``.tmp`` file renamed over
+  ``path``, so a reader never sees a half-written file. Returns the path."""
+  path = os.fspath(path)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
 
 
 def _json_lines(path: PathLike) -> Iterator[tuple[str, Any]]:
