@@ -25,6 +25,7 @@ TFDS without TensorFlow needs ``file_format="array_record"`` (the default here) 
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import hashlib
@@ -134,8 +135,9 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder):
                        f"{self.SUPPORTED_KINDS}")
     return kind
 
+  @abc.abstractmethod
   def _read_splits(self) -> dict[str, list[dict[str, Any]]]:
-    raise NotImplementedError
+    """``{"train": records, "held_out": records}``, every record validated."""
 
   def download_and_prepare(self, *args, **kwargs):
     """Reads and validates every record, then writes the splits (see the module docstring).
@@ -163,8 +165,9 @@ class _FileBuilder(_RecordBuilder):
 
   BUILDER_CONFIG_CLASS = SourceConfig
 
+  @abc.abstractmethod
   def _records(self, path: str, kind: str) -> Iterable[dict[str, Any]]:
-    raise NotImplementedError
+    """The validated records of ``path`` for record ``kind``."""
 
   def _read_splits(self):
     cfg = self.builder_config
