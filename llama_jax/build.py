@@ -16,7 +16,7 @@ import numpy as np
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.data import pipeline, tfds_builders, world
+from llama_jax.data import pipeline, tfds_builders, world, world_tokenizer
 from llama_jax.tokenizer import Tokenizer
 
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
@@ -59,7 +59,7 @@ def tokenizer(config, workdir: str) -> Tokenizer:
     path = os.path.join(workdir, "tokenizer.model")
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
-      world.train_tokenizer(path, world_config(config), vocab_size=config.tokenizer.world_vocab_size)
+      world_tokenizer.train_tokenizer(path, world_config(config), vocab_size=config.tokenizer.world_vocab_size)
   return Tokenizer(path)
 
 

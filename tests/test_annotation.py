@@ -11,7 +11,7 @@ import pytest
 from configs import tiny
 from llama_jax import annotation, convert, stages
 from llama_jax.config import LlamaConfig
-from llama_jax.data import sources, world
+from llama_jax.data import sources, world, world_tokenizer
 from llama_jax.model import init_params
 
 VOCAB = 320
@@ -22,7 +22,7 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   root = tmp_path_factory.mktemp("annotate_models")
-  world.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(), vocab_size=VOCAB)
+  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(), vocab_size=VOCAB)
   convert.save_orbax(root / "policy", CFG, init_params(CFG, jax.random.key(0)))
   return root
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama_jax.data import pipeline as pl, sources, tfds_builders as tb, world
+from llama_jax.data import pipeline as pl, sources, tfds_builders as tb, world, world_tokenizer
 from llama_jax.tokenizer import B_SYS, E_SYS, Tokenizer
 
 CFG = world.WorldConfig(seed=7)
@@ -19,7 +19,7 @@ ONE = {"process_index": 0, "process_count": 1}
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return Tokenizer(world.train_tokenizer(tmp_path_factory.mktemp("tok") / "world.model", CFG))
+  return Tokenizer(world_tokenizer.train_tokenizer(tmp_path_factory.mktemp("tok") / "world.model", CFG))
 
 
 def _records(recs, seed=0, num_epochs=1, **kw):

@@ -8,7 +8,7 @@ import pytest
 
 from llama_jax import policy_eval
 from llama_jax.config import LlamaConfig
-from llama_jax.data import world
+from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
 from llama_jax.tokenizer import Tokenizer
 
@@ -19,7 +19,7 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, m
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  return Tokenizer(world.train_tokenizer(path, world.WorldConfig(), vocab_size=320))
+  return Tokenizer(world_tokenizer.train_tokenizer(path, world.WorldConfig(), vocab_size=320))
 
 
 def test_samples_and_kl(tokenizer):
