@@ -70,7 +70,9 @@ def sample_with_kl(params, ref_params, cfg, tokenizer, prompts, *, max_new_token
   """Temperature-1 samples of ``params`` and their per-token KL(pi || pi_ref).
 
   Args:
-    params, ref_params: policy and reference weights (same ``cfg``). prompts: dialogs.
+    params, ref_params: policy and reference weights (same ``cfg``); ``ref_params=None``
+      (the policy is its own reference) skips the teacher-forced passes and gives KL 0.
+    prompts: dialogs.
     max_new_tokens: per sample. samples_per_prompt: samples drawn per prompt (>= 1).
     seed: sampling seed (batch ``i`` uses ``seed + i``). batch_size: rows per generate call.
   Returns:
@@ -92,13 +94,14 @@ def sample_with_kl(params, ref_params, cfg, tokenizer, prompts, *, max_new_token
     gen = sampling.sample(params, tok, mask, jax.random.key(seed + start), cfg=cfg,
                           max_new_tokens=max_new_tokens, temperature=1.0,
                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    ro = ppo.rollout_tensors(tok, mask, gen)
-    args = (ro["tokens"], ro["positions"], ro["segment_ids"], ro["response_tokens"])
-    lp = np.asarray(_logprobs(params, *args, cfg=cfg))
-    lr = np.asarray(_logprobs(ref_params, *args, cfg=cfg))
-    m = np.asarray(ro["response_mask"])
-    total += float(((lp - lr) * m).sum())
-    count += float(m.sum())
+    if ref_params is not None:
+      ro = ppo.rollout_tensors(tok, mask, gen)
+      args = (ro["tokens"], ro["positions"], ro["segment_ids"], ro["response_tokens"])
+      lp = np.asarray(_logprobs(params, *args, cfg=cfg))
+      lr = np.asarray(_logprobs(ref_params, *args, cfg=cfg))
+      m = np.asarray(ro["response_mask"])
+      total += float(((lp - lr) * m).sum())
+      count += float(m.sum())
     tokens, lengths, finished = (np.asarray(gen.tokens), np.asarray(gen.lengths),
                                  np.asarray(gen.finished))
     texts += [tokenizer.decode(tokens[i, :int(lengths[i]) - int(finished[i])].tolist()).strip()
@@ -201,10 +204,9 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
       judge = np.asarray([world.oracle(p, t).helpful for p, t in zip(prompts, texts)], float)
     else:
       judge = scores["rc"]
-    kl, sampled = sample_with_kl(params, sft_params, cfg, tokenizer, prompts,
-                                 max_new_tokens=max_new, samples_per_prompt=per_prompt_samples,
-                                 seed=config.seed)
-    row["kl_to_sft"] = 0.0 if name == "SFT" else kl
+    row["kl_to_sft"], sampled = sample_with_kl(
+        params, None if name == "SFT" else sft_params, cfg, tokenizer, prompts,
+        max_new_tokens=max_new, samples_per_prompt=per_prompt_samples, seed=config.seed)
     if is_world:
       rep = evaluation.oracle_report([p for p in prompts for _ in range(per_prompt_samples)],
                                      sampled)

@@ -33,6 +33,9 @@ def test_samples_and_kl(tokenizer):
   kl2, texts2 = policy_eval.sample_with_kl(params, other, CFG, tokenizer, prompts,
                                            max_new_tokens=6, samples_per_prompt=2, batch_size=4)
   assert texts2 == texts and np.isfinite(kl2) and kl2 != 0.0
+  # No reference: the same samples, KL 0 without the teacher-forced passes.
+  assert policy_eval.sample_with_kl(params, None, CFG, tokenizer, prompts, max_new_tokens=6,
+                                    samples_per_prompt=2, batch_size=4) == (0.0, texts)
   with pytest.raises(ValueError, match="samples_per_prompt"):
     policy_eval.sample_with_kl(params, params, CFG, tokenizer, prompts, max_new_tokens=6,
                                samples_per_prompt=0)
