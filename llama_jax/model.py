@@ -137,6 +137,12 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Arra
   read it: under ``nn.scan`` autodiff stores each flattened copy per layer. Same math, plain
   autodiff (remat policies still see dot_generals without batch dimensions).
   """
+  return _dense_2d(x, w, n_in, out_dtype)
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                   prevent_cse=False, static_argnums=(2, 3))
+def _dense_2d(x, w, n_in, out_dtype):
   lead, i, out = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in]), w.shape[n_in:]
   y = jnp.matmul(x.reshape(-1, i), w.reshape(i, -1), preferred_element_type=out_dtype)
   return y.reshape(*lead, *out)
@@ -301,6 +307,14 @@ def _swiglu_bwd(res, d_out):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                   prevent_cse=False)
+def _swiglu_down(gate, up, w2):
+  """``swiglu(gate, up) @ w2``; the backward pass recomputes the [b*t, f] SwiGLU output from
+  gate and up (elementwise) instead of storing a third [b*t, f] tensor per layer."""
+  return dense(swiglu(gate, up), w2)
+
+
 class FeedForward(nn.Module):
   """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
 
@@ -314,7 +328,7 @@ class FeedForward(nn.Module):
     w3 = _param(self, "w3", (d, f), ("embed", "mlp")).astype(dt)
     w2 = _param(self, "w2", (f, d), ("mlp", "embed")).astype(dt)
     x2 = x.reshape(-1, d)  # flattened once for both projections
-    return dense(swiglu(dense(x2, w1), dense(x2, w3)), w2).reshape(x.shape)
+    return _swiglu_down(dense(x2, w1), dense(x2, w3), w2).reshape(x.shape)
 
 
 class Block(nn.Module):
