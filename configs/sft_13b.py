@@ -24,8 +24,9 @@ def get_config():
   c = sft_7b.get_config()
   # Llama 2 13B (dim 5120, 40 layers, 40 heads, no GQA, ffn 13824).
   c.model.preset = "llama2_13b"
-  # Full per-layer activation checkpointing. Measured on (1, 16, 1), XLA:CPU: full 32.2 GiB,
-  # minimal 61.6 GiB per device (fits, but with too little headroom for XLA:GPU's differences).
+  # Full per-layer activation checkpointing. Measured on (1, 16, 1), XLA:CPU: full 26.6 GiB
+  # (2026-11-21), minimal 61.6 GiB per device (before the attention change; fits, but with too
+  # little headroom for XLA:GPU's differences).
   c.model.remat = "full"
   # Batch 64 over 16 devices is 4 sequences per device; 4 microbatches keep one 4096-token
   # sequence per device at a time (microbatch 64 / 4 = 16, divisible by data x fsdp = 16).
