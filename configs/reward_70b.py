@@ -7,8 +7,8 @@
 
 Memory plan (``XLA_FLAGS=--xla_force_host_platform_device_count=64 python train.py
 --config=configs/reward_70b.py --dry_run``, XLA:CPU buffer assignment): 4.00 GiB params + 8.01 GiB
-AdamW state + 44.79 GiB temporaries = 56.81 GiB per device (2026-11-21): fits in 80 GiB with
-23.2 GiB to spare (XLA:GPU temporaries differ); lower ``reward.max_seq_len`` if it does not fit.
+AdamW state + 49.10 GiB temporaries = 61.12 GiB per device (2026-11-21): fits in 80 GiB with
+18.9 GiB to spare (XLA:GPU temporaries differ); lower ``reward.max_seq_len`` if it does not fit.
 """
 
 from configs import reward_7b

@@ -13,7 +13,7 @@ Preference JSONL schema: llama_jax/data/sources.py (prompt, chosen, rejected, ra
 safety_label). Public stand-in for the open-source share: HH-RLHF (``data.hh_rlhf_path``).
 Memory plan (``XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py
 --config=configs/reward_7b.py --dry_run``, XLA:CPU buffer assignment): 3.08 GiB params + 6.16 GiB
-AdamW state + 18.68 GiB temporaries = 27.91 GiB per device, fits in 80 GiB.
+AdamW state + 20.72 GiB temporaries = 29.96 GiB per device, fits in 80 GiB.
 """
 
 from configs import base

@@ -24,7 +24,7 @@ def get_config():
   c = sft_7b.get_config()
   # Llama 2 13B (dim 5120, 40 layers, 40 heads, no GQA, ffn 13824).
   c.model.preset = "llama2_13b"
-  # Full per-layer activation checkpointing. Measured on (1, 16, 1), XLA:CPU: full 26.6 GiB
+  # Full per-layer activation checkpointing. Measured on (1, 16, 1), XLA:CPU: full 27.5 GiB
   # (2026-11-21), minimal 61.6 GiB per device (before the attention change; fits, but with too
   # little headroom for XLA:GPU's differences).
   c.model.remat = "full"

@@ -37,7 +37,7 @@ def get_config():
   # Scan over the 80 layers: compile one layer, and remat saves only the scan carry per layer.
   c.model.scan_layers = True
   # Save matmul outputs per layer and recompute the rest (cheaper than full remat). Measured on
-  # (1, 8, 1), XLA:CPU: minimal 43.4 GiB, full 29.1 GiB, none 223 GiB per device (does not fit)
+  # (1, 8, 1), XLA:CPU: minimal 43.8 GiB, full 29.1 GiB, none 223 GiB per device (does not fit)
   # (minimal re-measured 2026-11-21; full and none are from before the attention change).
   c.model.remat = "minimal"
   # cuDNN flash attention on GPU when available (XLA's materialized scores elsewhere).

@@ -135,9 +135,12 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Arra
   gradient, fused with the SwiGLU backward, which ran slower than the matmuls themselves; with
   ``[b*t, d] @ [d, f]`` the dot emitter computes ``x^T g`` directly. (A 3-D weight left unflattened
   in the ``dot_general`` makes XLA:CPU copy transposes of x and w in the backward pass instead;
-  both cost about the same.) Pass x already flattened to ``[b*t, d]`` when several projections
-  read it: under ``nn.scan`` autodiff stores each flattened copy per layer. Same math, plain
-  autodiff (remat policies still see dot_generals without batch dimensions).
+  both cost about the same.) The matmul runs under ``jax.checkpoint(nothing_saveable)``: the
+  backward pass recomputes the reshaped weight (a bitcast) instead of ``nn.scan`` storing a copy
+  of every layer's weights; nothing else is recomputed (the backward pass of a matmul does not
+  read its output), and an enclosing remat policy still sees the dot_general (``minimal`` still
+  saves it). Pass x already flattened to ``[b*t, d]`` when several projections read it: under
+  ``nn.scan`` autodiff stores each flattened copy per layer.
   """
   return _dense_2d(x, w, n_in, out_dtype)
 
@@ -157,8 +160,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   Grouped-query attention folds each kv head's ``g = n / k`` query heads into the query-row axis
   (``[b, k, t*g, h]``), so the dots are batched matmuls over (b, k) without repeating keys or
   values. The backward pass is written out (:func:`_attention_rows`), as in FlashAttention
-  (Dao et al., 2022, Alg. 2): it keeps only the probabilities and the output and forms the softmax
-  gradient from ``rowsum(dO * O)`` [b, k, t*g] instead of a reduction over [b, k, t*g, s].
+  (Dao et al., 2022, Alg. 2): it keeps q, k, v, the output and the [b, k, t*g] row logsumexp,
+  recomputes the probabilities (one more logits matmul) instead of storing [b, k, t*g, s] of them,
+  and forms the softmax gradient from ``rowsum(dO * O)``.
 
   With ``causal_chunk = c > 0`` the queries go in chunks of c positions, each against only the
   keys up to its last position, so the blocks above the diagonal are never computed (about
@@ -206,31 +210,37 @@ def _attention_rows(bounds, rows, k, v, mask):
   return _attention_rows_fwd(bounds, rows, k, v, mask)[0]
 
 
+def _chunk_logits(rows, k, mask, sl, end):
+  logits = jnp.einsum("bkqh,bksh->bkqs", rows[:, :, sl], k[:, :, :end],
+                      preferred_element_type=jnp.float32)
+  return jnp.where(mask[:, :, sl, :end], logits, jnp.finfo(jnp.float32).min)
+
+
 def _attention_rows_fwd(bounds, rows, k, v, mask):
-  outs, probs = [], []
+  outs, lses = [], []
   for sl, end in _attention_chunks(bounds, rows, k):
-    logits = jnp.einsum("bkqh,bksh->bkqs", rows[:, :, sl], k[:, :, :end],
-                        preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, :, sl, :end], logits, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    logits = _chunk_logits(rows, k, mask, sl, end)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - lse).astype(v.dtype)
     outs.append(jnp.einsum("bkqs,bksh->bkqh", p, v[:, :, :end]))
-    probs.append(p)
+    lses.append(lse)
   out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-  return out, (rows, k, v, tuple(probs), out)
+  return out, (rows, k, v, mask, tuple(lses), out)
 
 
 def _attention_rows_bwd(bounds, res, d_out):
-  rows, k, v, probs, out = res
+  rows, k, v, mask, lses, out = res
   f32 = jnp.float32
   # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [b, k, t*g, 1]
   d_rows, d_k, d_v = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-  for (sl, end), p in zip(_attention_chunks(bounds, rows, k), probs):
+  for (sl, end), lse in zip(_attention_chunks(bounds, rows, k), lses):
+    p = jnp.exp(_chunk_logits(rows, k, mask, sl, end) - lse)
     d_o = d_out[:, :, sl]
-    d_v = d_v.at[:, :, :end].add(jnp.einsum("bkqs,bkqh->bksh", p, d_o.astype(p.dtype),
-                                            preferred_element_type=f32))
+    d_v = d_v.at[:, :, :end].add(jnp.einsum("bkqs,bkqh->bksh", p.astype(v.dtype),
+                                            d_o.astype(v.dtype), preferred_element_type=f32))
     d_p = jnp.einsum("bkqh,bksh->bkqs", d_o, v[:, :, :end], preferred_element_type=f32)
-    d_logits = (p.astype(f32) * (d_p - delta[:, :, sl])).astype(rows.dtype)
+    d_logits = (p * (d_p - delta[:, :, sl])).astype(rows.dtype)
     d_rows.append(jnp.einsum("bkqs,bksh->bkqh", d_logits, k[:, :, :end]))
     d_k = d_k.at[:, :, :end].add(jnp.einsum("bkqs,bkqh->bksh", d_logits, rows[:, :, sl],
                                             preferred_element_type=f32))
