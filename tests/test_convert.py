@@ -20,9 +20,8 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import convert
+from llama_jax import convert, losses
 from llama_jax.config import LlamaConfig
-from llama_jax import losses
 from llama_jax.model import forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,8 +128,9 @@ def test_gradients_match_transformers(scan_layers, hf_ckpt, tmp_path):
   model(input_ids=ids, labels=ids).loss.backward()
   grads_model = hf_model(cfg, seed=0)
   with torch.no_grad():
-    for (name, p), (_, g) in zip(model.named_parameters(), grads_model.named_parameters()):
+    for p, g in zip(model.parameters(), grads_model.parameters()):
       g.copy_(p.grad)
+  model.zero_grad(set_to_none=True)  # the module-scoped model is shared with other tests
   grads_model.save_pretrained(tmp_path)
   _, ref = convert.load_hf(tmp_path)
 
