@@ -28,10 +28,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from llama_jax import build, convert, sharding, stage_lib
-from llama_jax import rejection_sampling as rs_lib
+from llama_jax import build, convert, rs_run, sharding, stage_lib
 from llama_jax.data import pipeline, sources, world
-from llama_jax.rs_run import load_prompts
 
 PREFERENCES = "preferences.jsonl"
 
@@ -55,8 +53,8 @@ def _validate(config):
 def run(config, workdir: str) -> dict:
   """Sample, annotate with the oracle, write the preference pairs (see the module docstring).
 
-  Generation settings (max new tokens, prompt length, batch size) are
-  ``config.rejection_sampling``'s. Every process samples the same prompts; process 0 writes, and
+  Generation settings (max new tokens, top-p, prompt length, batch size) are
+  ``config.rejection_sampling``'s (``rs_run.sample_texts``). Every process samples the same prompts; process 0 writes, and
   all processes wait for it before returning. The pipeline skips a finished stage (``final/`` +
   ``result.json``).
 
@@ -75,7 +73,7 @@ def run(config, workdir: str) -> dict:
     tokenizer = build.tokenizer(config, workdir)
     cfg, params = convert.load_orbax(config.init_from)
     tokenizer.check_vocab(cfg)
-    prompts = [p for p in load_prompts(config, workdir, "train", int(ac.num_prompts))
+    prompts = [p for p in rs_run.load_prompts(config, workdir, "train", int(ac.num_prompts))
                if pipeline.prompt_example(p, tokenizer, rc.max_prompt_len) is not None]
     if not prompts:
       raise ValueError("annotate: no prompt fits config.rejection_sampling.max_prompt_len")
@@ -90,12 +88,8 @@ def run(config, workdir: str) -> dict:
   del params
   # A key of its own per round: the rejection-sampling iterations fold in 1, 2, ...
   key = jax.random.fold_in(jax.random.key(config.seed), (1 << 20) + int(ac.get("round", 1)))
-  texts = []
-  for start in range(0, len(prompts), rc.batch_size):
-    chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
-    texts += rs_lib.sample_k(gen_params, cfg, tokenizer, chunk, int(ac.k),
-                             jax.random.fold_in(key, start), float(ac.temperature),
-                             rc.max_new_tokens)
+  texts = rs_run.sample_texts(config, (cfg, gen_params), tokenizer, prompts, k=int(ac.k),
+                             temperature=float(ac.temperature), key=key)
   pairs = [r for p, row in zip(prompts, texts) for r in world.annotate(p["prompt"], row)]
   new_pairs = len(pairs)
   if not pairs:
@@ -115,7 +109,7 @@ def run(config, workdir: str) -> dict:
       "final_dir": final}
   if jax.process_index() == 0:
     sources.write_jsonl(os.path.join(workdir, "samples.jsonl"),
-                 [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
+                        [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
     os.makedirs(final, exist_ok=True)
     sources.write_jsonl(os.path.join(final, PREFERENCES), pairs)
     build.write_json(os.path.join(workdir, "result.json"), out)

@@ -59,7 +59,8 @@ def tokenizer(config, workdir: str) -> Tokenizer:
     path = os.path.join(workdir, "tokenizer.model")
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
-      world_tokenizer.train_tokenizer(path, world_config(config), vocab_size=config.tokenizer.world_vocab_size)
+      world_tokenizer.train_tokenizer(path, world_config(config),
+                                      vocab_size=config.tokenizer.world_vocab_size)
   return Tokenizer(path)
 
 

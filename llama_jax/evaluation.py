@@ -30,8 +30,7 @@ def complete(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
     out = sampling.generate(params, cfg, ids, jax.random.key(seed + start),
                             max_new_tokens=max_new_tokens, temperature=temperature,
                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, pad_to_multiple=16)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts += [tokenizer.decode(tokens[i, :lengths[i]].tolist()).strip() for i in range(len(chunk))]
+    texts += sampling.decode(out, tokenizer)
   return texts
 
 

@@ -78,7 +78,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """RMSNorm as Meta's ``RMSNorm``: normalize in float32, cast back, scale by ``weight`` [d].
 
-  x: [..., d]; returns x's shape and dtype. The backward pass is written out and keeps only x
+  Llama 2 paper Sec. 2.2 (pre-normalization). x: [..., d]; returns x's shape and dtype. The backward pass is written out and keeps only x
   and the [..., 1] float32 inverse RMS (autodiff of the expression stores the normalized
   activations too, a copy per layer under ``nn.scan``).
   """
@@ -297,7 +297,8 @@ class Attention(nn.Module):
 
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """``silu(gate) * up`` (Shazeer, 2020), elementwise; any matching shapes and float dtype.
+  """``silu(gate) * up`` (Shazeer, 2020; Llama 2 paper Sec. 2.2), elementwise; gate and up of one
+  shape and float dtype (e.g. [b*t, f]), result the same.
 
   The backward pass keeps only the two inputs and recomputes the sigmoid (autodiff of the plain
   expression stores three more tensors of the same size per layer).

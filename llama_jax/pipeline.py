@@ -102,17 +102,22 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
   annotating = config.annotate.num_prompts > 0
   rounds = num_rounds(config)
   prefs = lambda j: os.path.join(final(annotate_name(j)), annotation.PREFERENCES)
+  # The newest policy before position j (rs_<j>, or PPO at j = rs_iterations + 1).
+  policy = lambda j: final("sft" if j == 1 else f"rs_{j - 1}")
+
+  def stage(name, init_from=None):
+    sub = copy_config(config)
+    sub.stage = name
+    if init_from is not None:
+      sub.init_from = init_from
+    return sub
 
   def sft():
-    sub = copy_config(config)
-    sub.stage = "sft"
-    return sub
+    return stage("sft")
 
   def annotate(j):
     def make():
-      sub = copy_config(config)
-      sub.stage = "annotate"
-      sub.init_from = final("sft" if j == 1 else f"rs_{j - 1}")
+      sub = stage("annotate", policy(j))
       sub.annotate.round = j
       sub.annotate.accumulate_from = prefs(j - 1) if j > 1 else ""
       return sub
@@ -120,9 +125,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
 
   def rm(kind, j):
     def make():
-      sub = copy_config(config)
-      sub.stage = "reward"
-      sub.init_from = final("sft")
+      sub = stage("reward", final("sft"))
       sub.reward.model = kind
       # Distinct seeds (head init, data order): two RMs on the same data must not be one model.
       sub.seed = config.seed + (0 if kind == "helpfulness" else 1) + 2 * (j - 1)
@@ -150,9 +153,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
 
   def rs(i):
     def make():
-      sub = copy_config(config)
-      sub.stage = "rejection_sampling"
-      sub.init_from = final("sft" if i == 1 else f"rs_{i - 1}")
+      sub = stage("rejection_sampling", policy(i))
       sub.rejection_sampling.iteration = i
       sub.rejection_sampling.help_rm, sub.rejection_sampling.safety_rm = rms_for(i)
       sub.rejection_sampling.pool_from = ",".join(os.path.join(path(f"rs_{j}"), "sampled.jsonl")
@@ -161,9 +162,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
     return make
 
   def ppo_stage():
-    sub = copy_config(config)
-    sub.stage = "ppo"
-    sub.init_from = final(f"rs_{p.rs_iterations}" if p.rs_iterations else "sft")
+    sub = stage("ppo", policy(p.rs_iterations + 1))
     sub.ppo.help_rm, sub.ppo.safety_rm = rms_for(p.rs_iterations + 1)
     return sub
 
@@ -172,15 +171,13 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
     return out + [(rm_name("helpfulness", j), rm("helpfulness", j)),
                   (rm_name("safety", j), rm("safety", j))]
 
+  # Position j = 1..rs_iterations runs rs_<j>, then PPO; annotation round j >= 2 comes before it.
+  policy_stages = [(f"rs_{i}", rs(i)) for i in range(1, p.rs_iterations + 1)]
+  policy_stages += [("ppo", ppo_stage)] if p.ppo else []
   plan = [("sft", sft)] + round_stages(1)
-  for i in range(1, p.rs_iterations + 1):
-    if 1 < i <= rounds:
-      plan += round_stages(i)
-    plan.append((f"rs_{i}", rs(i)))
-  if p.ppo:
-    if 1 < p.rs_iterations + 1 <= rounds:
-      plan += round_stages(p.rs_iterations + 1)
-    plan.append(("ppo", ppo_stage))
+  for j, named in enumerate(policy_stages, 1):
+    plan += round_stages(j) if 1 < j <= rounds else []
+    plan.append(named)
   return plan
 
 

@@ -102,10 +102,7 @@ def sample_with_kl(params, ref_params, cfg, tokenizer, prompts, *, max_new_token
       m = np.asarray(ro["response_mask"])
       total += float(((lp - lr) * m).sum())
       count += float(m.sum())
-    tokens, lengths, finished = (np.asarray(gen.tokens), np.asarray(gen.lengths),
-                                 np.asarray(gen.finished))
-    texts += [tokenizer.decode(tokens[i, :int(lengths[i]) - int(finished[i])].tolist()).strip()
-              for i in range(len(ids))]
+    texts += sampling.decode(gen, tokenizer)
   return total / max(count, 1.0), texts
 
 

@@ -326,10 +326,5 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
   out = sampling.generate(params, cfg, repeated, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id,
                           pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
-  tokens, lengths, finished = (np.asarray(out.tokens), np.asarray(out.lengths),
-                               np.asarray(out.finished))
-  texts = []
-  for row in range(len(repeated)):
-    n = int(lengths[row]) - int(finished[row])  # drop the EOS
-    texts.append(tokenizer.decode(tokens[row, :n].tolist()).strip())
+  texts = sampling.decode(out, tokenizer)
   return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]

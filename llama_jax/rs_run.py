@@ -143,9 +143,11 @@ def _validate(config):
       raise FileNotFoundError(f"config.rejection_sampling.pool_from: {p!r} not found")
 
 
-def sample_and_score(config, policy, tokenizer, rms, prompts: List[dict], *, k: int,
-                     temperature: float, key: jax.Array):
-  """K samples per prompt and their combined rewards: ([n][k] texts, [n, k] scores)."""
+def sample_texts(config, policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
+                 key: jax.Array) -> List[List[str]]:
+  """K samples per prompt record (``{"prompt": dialog, ...}``): [n][k] texts, generated in
+  batches of ``config.rejection_sampling.batch_size`` prompts (batch at offset i with key
+  ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``. policy: ``(cfg, params)``."""
   rc = config.rejection_sampling
   cfg, params = policy
   texts: List[List[str]] = []
@@ -153,6 +155,14 @@ def sample_and_score(config, policy, tokenizer, rms, prompts: List[dict], *, k: 
     chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
     texts += rs_lib.sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
                              temperature, rc.max_new_tokens, top_p=rc.top_p)
+  return texts
+
+
+def sample_and_score(config, policy, tokenizer, rms, prompts: List[dict], *, k: int,
+                     temperature: float, key: jax.Array):
+  """K samples per prompt and their combined rewards: ([n][k] texts, [n, k] scores)."""
+  rc = config.rejection_sampling
+  texts = sample_texts(config, policy, tokenizer, prompts, k=k, temperature=temperature, key=key)
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
   flat_safety = [bool(p.get("is_safety", False)) for p in prompts for _ in range(k)]
   scores = score_dialogs(*rms, tokenizer, flat_prompts, [t for row in texts for t in row],

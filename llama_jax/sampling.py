@@ -40,6 +40,15 @@ class GenerateOutput(NamedTuple):
   finished: jax.Array
 
 
+def decode(out: GenerateOutput, tokenizer) -> list[str]:
+  """The generated rows of ``out`` as text: each row's tokens up to (without) its EOS, decoded
+  with ``tokenizer`` (a ``llama_jax.tokenizer.Tokenizer``) and stripped; one string per row."""
+  tokens, lengths, finished = (np.asarray(out.tokens), np.asarray(out.lengths),
+                               np.asarray(out.finished))
+  return [tokenizer.decode(tokens[i, :int(lengths[i]) - int(finished[i])].tolist()).strip()
+          for i in range(tokens.shape[0])]
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0):
   """Draw one token per row.

@@ -66,7 +66,7 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
     return [[world.demonstration(p[-1]["content"]), "I like turtles.",
              world.demonstration(p[-1]["content"])] for p in prompts]
 
-  monkeypatch.setattr(annotation.rs_lib, "sample_k", fake_sample_k)
+  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k", fake_sample_k)
   work = _workdir(models, tmp_path)
   res = stages.run(make_config(models), str(work))
   assert seen == {"k": 3, "temperature": 0.7, "max_new_tokens": 8}
@@ -86,7 +86,7 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
 
 
 def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch):
-  monkeypatch.setattr(annotation.rs_lib, "sample_k", lambda params, cfg, tok, prompts, *a, **k: [
+  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k", lambda params, cfg, tok, prompts, *a, **k: [
       ["The answer is 1000.", "I like turtles."] for _ in prompts])
   earlier = tmp_path / "earlier.jsonl"
   old = [{"prompt": "What is 1 plus 1?", "chosen": "The answer is 2.", "rejected": "Blue.",
