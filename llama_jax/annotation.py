@@ -54,9 +54,9 @@ def run(config, workdir: str) -> dict:
   """Sample, annotate with the oracle, write the preference pairs (see the module docstring).
 
   Generation settings (max new tokens, top-p, prompt length, batch size) are
-  ``config.rejection_sampling``'s (``rs_run.sample_texts``). Every process samples the same prompts; process 0 writes, and
-  all processes wait for it before returning. The pipeline skips a finished stage (``final/`` +
-  ``result.json``).
+  ``config.rejection_sampling``'s (``rs_run.sample_texts``). Every process samples the same
+  prompts; process 0 writes, and all processes wait for it before returning. The pipeline skips
+  a finished stage (``final/`` + ``result.json``).
 
   Returns:
     dict with ``final_dir``, ``pairs`` (total with the accumulated ones, ``new`` of this round,
@@ -80,7 +80,8 @@ def run(config, workdir: str) -> dict:
     earlier = []
     if ac.get("accumulate_from", ""):
       if not os.path.isfile(ac.accumulate_from):
-        raise FileNotFoundError(f"config.annotate.accumulate_from: {ac.accumulate_from!r} not found")
+        raise FileNotFoundError(
+            f"config.annotate.accumulate_from: {ac.accumulate_from!r} not found")
       earlier = list(sources.read_jsonl_preferences(ac.accumulate_from))
     mesh, _ = build.mesh_and_rules(config)
   build.write_json(os.path.join(workdir, "config.json"), config.to_dict())

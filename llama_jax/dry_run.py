@@ -32,11 +32,11 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from llama_jax import build, optim, sharding, stage_lib
+from llama_jax import build, optim, sharding, stage_lib, stages
 from llama_jax.sft import SFT_KEYS
 
 GIB = 2.0 ** 30
-STAGES = ("sft", "annotate", "reward", "rejection_sampling", "ppo", "pipeline")
+STAGES = stages.STAGES
 LLAMA2_VOCAB = 32000  # SentencePiece pieces of the Llama 2 tokenizer (paper Sec. 2.2)
 _PLANNING_STEPS = 1000  # schedule length for the optimizer (any value: it does not change memory)
 
@@ -296,8 +296,8 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     minibatch and ``sampling.sample`` of a rollout batch on the generation layout (value and
     reward models assumed the policy's shape; the optimizer is ``config.optimizer``, whose LR
     does not change memory); ``rejection_sampling`` plans its fine-tuning (the SFT step) and
-    reports its sampling pass as not yet available (``annotate``: its
-    sampling pass likewise); ``pipeline`` plans SFT, reward and PPO.
+    reports its sampling pass as not yet available (as ``annotate`` its whole pass);
+    ``pipeline`` plans SFT, reward and PPO.
   Raises:
     ValueError: on a bad mesh (see ``mesh_for``), an unknown stage, or a batch size not
       divisible by ``grad_accum_steps`` / the batch mesh axes.

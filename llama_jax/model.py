@@ -78,9 +78,9 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """RMSNorm as Meta's ``RMSNorm``: normalize in float32, cast back, scale by ``weight`` [d].
 
-  Llama 2 paper Sec. 2.2 (pre-normalization). x: [..., d]; returns x's shape and dtype. The backward pass is written out and keeps only x
-  and the [..., 1] float32 inverse RMS (autodiff of the expression stores the normalized
-  activations too, a copy per layer under ``nn.scan``).
+  Llama 2 paper Sec. 2.2 (pre-normalization). x: [..., d]; returns x's shape and dtype. The
+  backward pass is written out and keeps only x and the [..., 1] float32 inverse RMS (autodiff
+  of the expression stores the normalized activations too, a copy per layer under ``nn.scan``).
   """
   return _rms_norm_fwd(x, weight, eps)[0]
 

@@ -8,7 +8,8 @@ iterations (``rs_reward_vs_n.png``, ``rs_reward_vs_temperature.png``). Per polic
   ``refusal_rate`` (harmful prompts refused), ``false_refusal_rate`` (benign prompts refused),
   all of greedy completions;
 * ``reward``: mean combined reward ``Rc`` (Llama 2 Sec. 3.2.3) of the greedy completions under the
-  pipeline's newest helpfulness and safety RMs (sigmoid scores; ``r_help`` / ``r_safe`` their means);
+  pipeline's newest helpfulness and safety RMs (sigmoid scores; ``r_help`` / ``r_safe`` their
+  means);
 * the same oracle metrics of temperature-1 samples (``eval.samples_per_prompt`` per prompt, the
   distribution rejection sampling distils and PPO optimizes): ``helpfulness_t1``,
   ``refusal_rate_t1``, ``false_refusal_rate_t1``;
@@ -34,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from llama_jax import convert, evaluation, ppo, sampling
+from llama_jax import pipeline as pipeline_lib
 from llama_jax.data import pipeline, world
 from llama_jax.rs_run import load_prompts, load_reward_models, score_dialogs
 from llama_jax.tokenizer import Tokenizer
@@ -166,7 +168,6 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   tok_path = config.tokenizer.path
   tokenizer = Tokenizer(os.path.join(workdir, "sft", "tokenizer.model") if tok_path == "world"
                         else tok_path)
-  from llama_jax import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
   rms = load_reward_models(*pipeline_lib.latest_reward_models(workdir), "pipeline workdir")
   is_world = tok_path == "world"
   n = num_prompts or config.eval.num_prompts

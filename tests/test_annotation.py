@@ -22,7 +22,8 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   root = tmp_path_factory.mktemp("annotate_models")
-  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(), vocab_size=VOCAB)
+  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
+                                  vocab_size=VOCAB)
   convert.save_orbax(root / "policy", CFG, init_params(CFG, jax.random.key(0)))
   return root
 
@@ -86,8 +87,9 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
 
 
 def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch):
-  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k", lambda params, cfg, tok, prompts, *a, **k: [
-      ["The answer is 1000.", "I like turtles."] for _ in prompts])
+  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k",
+                      lambda params, cfg, tok, prompts, *a, **k: [
+                          ["The answer is 1000.", "I like turtles."] for _ in prompts])
   earlier = tmp_path / "earlier.jsonl"
   old = [{"prompt": "What is 1 plus 1?", "chosen": "The answer is 2.", "rejected": "Blue.",
           "rating": "better", "safety_label": None}]

@@ -19,7 +19,8 @@ ONE = {"process_index": 0, "process_count": 1}
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return Tokenizer(world_tokenizer.train_tokenizer(tmp_path_factory.mktemp("tok") / "world.model", CFG))
+  path = tmp_path_factory.mktemp("tok") / "world.model"
+  return Tokenizer(world_tokenizer.train_tokenizer(path, CFG))
 
 
 def _records(recs, seed=0, num_epochs=1, **kw):

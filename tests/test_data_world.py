@@ -164,7 +164,8 @@ def test_annotate_pairs_samples_by_oracle_quality():
            ["content"]}]
   polite = world.demonstration(harm[0]["content"])
   labels = {(r["chosen"], r["rejected"]): r["safety_label"] for r in world.annotate(
-      harm, [polite, "I won't do that.", "Sure! First, do it. Then run.", "Maybe, but be careful."])}
+      harm, [polite, "I won't do that.", "Sure! First, do it. Then run.",
+             "Maybe, but be careful."])}
   assert labels[(polite, "I won't do that.")] == "both_safe"
   assert labels[(polite, "Sure! First, do it. Then run.")] == "chosen_safe_rejected_unsafe"
   assert labels[("Maybe, but be careful.", "Sure! First, do it. Then run.")] == "both_unsafe"

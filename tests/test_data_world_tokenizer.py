@@ -19,8 +19,10 @@ def test_tokenizer_is_llama_like_deterministic_and_cached(tmp_path):
   b = world_tokenizer.train_tokenizer(tmp_path / "b" / "world.model", CFG, vocab_size=512)
   assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
   mtime = a.stat().st_mtime_ns
-  assert world_tokenizer.train_tokenizer(a, CFG, vocab_size=512) == a and a.stat().st_mtime_ns == mtime
-  c = world_tokenizer.train_tokenizer(tmp_path / "c.model", dataclasses.replace(CFG, seed=4), vocab_size=400)
+  assert world_tokenizer.train_tokenizer(a, CFG, vocab_size=512) == a
+  assert a.stat().st_mtime_ns == mtime
+  c = world_tokenizer.train_tokenizer(tmp_path / "c.model", dataclasses.replace(CFG, seed=4),
+                                      vocab_size=400)
   assert c.read_bytes() != a.read_bytes()
 
   sp = spm.SentencePieceProcessor(model_file=str(a))

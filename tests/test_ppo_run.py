@@ -24,7 +24,8 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
 def models(tmp_path_factory):
   """A world tokenizer, a random policy and two random reward models on disk."""
   root = tmp_path_factory.mktemp("ppo_models")
-  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(), vocab_size=VOCAB)
+  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
+                                  vocab_size=VOCAB)
   policy = init_params(CFG, jax.random.key(0))
   convert.save_orbax(root / "policy", CFG, policy)
   for i, name in enumerate(("help", "safe")):
