@@ -4,7 +4,8 @@ Llama 2 paper, Sec. 3.2.2: a reward model is the chat model with its next-token 
 scalar regression head; it scores one response alone (prompt + response), and is trained on
 binary comparisons with ``L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(rating))``, the
 margin ``m`` taken from Table 27. The reward is read at the last real token of a row (the EOS
-after the response; Huang et al. 2024), never at padding, whichever side the padding is on.
+after the response; Huang et al. 2024), never at padding, whichever side the padding is on. The
+safety RM may add a binary term on the safety labels (Appendix A.4, Table 29; ``safety_aux_loss``).
 
 Params: the Llama params tree (``llama_jax.model``) WITHOUT ``output``, plus::
 
@@ -38,6 +39,10 @@ MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0),
            "large": (3.0, 2.0, 1.0, 0.0)}
 MARKER = "reward_model.json"  # written next to params.json by save_reward_model
 PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask", "rating")
+# (chosen is safe, rejected is safe) per safety label, in ``sources.SAFETY_LABELS`` order.
+_SAFE = {"chosen_safe_rejected_unsafe": (1.0, 0.0), "both_safe": (1.0, 1.0),
+         "both_unsafe": (0.0, 0.0)}
+SAFE_TARGETS = tuple(_SAFE[label] for label in SAFETY_LABELS)
 
 
 # ---- params -----------------------------------------------------------------------------------
@@ -193,18 +198,66 @@ def pair_scores(params: Any, cfg: LlamaConfig, batch: Batch):
   return r[:b], r[b:], valid
 
 
-def _loss_terms(params, batch: Batch, cfg: LlamaConfig, margin: str):
+def safety_targets(safety_label: jax.Array):
+  """[b] int32 safety-label ids (index into ``sources.SAFETY_LABELS``, -1 = none) ->
+  (chosen_safe [b] float32, rejected_safe [b] float32, labelled [b] bool): chosen is safe for
+  ``chosen_safe_rejected_unsafe`` and ``both_safe``, rejected only for ``both_safe``; unlabelled
+  pairs get targets 0 and ``labelled`` False."""
+  label = jnp.asarray(safety_label, jnp.int32)
+  labelled = label >= 0
+  table = jnp.asarray(SAFE_TARGETS, jnp.float32)[jnp.clip(label, 0, len(SAFETY_LABELS) - 1)]
+  return (jnp.where(labelled, table[:, 0], 0.0), jnp.where(labelled, table[:, 1], 0.0), labelled)
+
+
+def safety_aux_loss(r_chosen: jax.Array, r_rejected: jax.Array,
+                    safety_label: jax.Array) -> jax.Array:
+  """The safety auxiliary loss per pair (Llama 2 Appendix A.4, Table 29): binary cross-entropy of
+  ``sigmoid(r)`` (the score Rs) against "this response is safe", summed over both responses, so
+  that Rs = 0.5 (r = 0) separates safe from unsafe responses::
+
+    -[y_c log sig(r_c) + (1 - y_c) log sig(-r_c)] - [y_r log sig(r_r) + (1 - y_r) log sig(-r_r)]
+
+  Args:
+    r_chosen, r_rejected: [b] raw rewards (before the sigmoid). safety_label: [b] int32 ids as
+      ``safety_targets``.
+  Returns:
+    [b] float32; 0 for unlabelled pairs (-1).
+  """
+  yc, yr, labelled = safety_targets(safety_label)
+  bce = lambda r, y: -(y * jax.nn.log_sigmoid(r) + (1.0 - y) * jax.nn.log_sigmoid(-r))
+  loss = bce(r_chosen.astype(jnp.float32), yc) + bce(r_rejected.astype(jnp.float32), yr)
+  return jnp.where(labelled, loss, 0.0)
+
+
+def _safety_label(batch: Batch, safety_aux_weight: float) -> jax.Array:
+  if "safety_label" in batch:
+    return batch["safety_label"]
+  if safety_aux_weight:
+    raise ValueError("safety_aux_weight > 0 needs batch['safety_label'] ([b] int32, -1 = none)")
+  return jnp.full(batch["rating"].shape, -1, jnp.int32)
+
+
+def _loss_terms(params, batch: Batch, cfg: LlamaConfig, margin: str,
+                safety_aux_weight: float = 0.0):
+  """(loss sum over valid pairs, stats sums): ranking loss + ``safety_aux_weight`` * aux loss."""
   rc, rr, valid = pair_scores(params, cfg, batch)
   w = valid.astype(jnp.float32)
   m = margin_values(batch["rating"], margin)
+  label = _safety_label(batch, safety_aux_weight)
+  wl = w * (label >= 0)
+  rank, aux = jnp.sum(w * ranking_loss(rc, rr, m)), jnp.sum(wl * safety_aux_loss(rc, rr, label))
   stats = {"pairs": jnp.sum(w), "correct": jnp.sum(w * (rc > rr)), "r_chosen": jnp.sum(w * rc),
-           "r_rejected": jnp.sum(w * rr), "margin": jnp.sum(w * m)}
-  return jnp.sum(w * ranking_loss(rc, rr, m)), stats
+           "r_rejected": jnp.sum(w * rr), "margin": jnp.sum(w * m), "ranking": rank,
+           "labelled": jnp.sum(wl), "aux": aux}
+  # Weight 0 (static) leaves the ranking loss and its gradient exactly as without the term.
+  return (rank + safety_aux_weight * aux if safety_aux_weight else rank), stats
 
 
-def _accumulate(params, batch: Batch, accum_steps: int, cfg: LlamaConfig, margin: str):
+def _accumulate(params, batch: Batch, accum_steps: int, cfg: LlamaConfig, margin: str,
+                safety_aux_weight: float = 0.0):
   """(loss_sum, stats sums, grad of loss_sum) summed over ``accum_steps`` microbatches."""
-  grad_fn = jax.value_and_grad(lambda p, b: _loss_terms(p, b, cfg, margin), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: _loss_terms(p, b, cfg, margin, safety_aux_weight),
+                               has_aux=True)
   if accum_steps == 1:
     (total, stats), grads = grad_fn(params, batch)
     return total, stats, grads
@@ -222,40 +275,66 @@ def _accumulate(params, batch: Batch, accum_steps: int, cfg: LlamaConfig, margin
 
 def train_step(state: TrainState, batch: Batch, rng: Optional[jax.Array] = None, *,
                cfg: LlamaConfig, optimizer: optax.GradientTransformation, margin: str = "none",
-               accum_steps: int = 1):
+               accum_steps: int = 1, safety_aux_weight: float = 0.0):
   """One reward-model optimizer step (pure; jit with ``donate_argnums=0``).
+
+  Loss = (sum over valid pairs of the ranking loss + ``safety_aux_weight`` * sum over labelled
+  valid pairs of ``safety_aux_loss``) / (valid pairs), both sums taken over the whole
+  (accumulated) batch.
 
   Args:
     state: TrainState over reward params.
     batch: preference batch (``pipeline.preference_batches``): ``chosen_tokens`` /
       ``rejected_tokens`` [b, t] int32, ``chosen_mask`` / ``rejected_mask`` [b, t] bool,
-      ``rating`` [b] int32; ``b`` divisible by ``accum_steps``.
+      ``rating`` [b] int32, ``safety_label`` [b] int32 (-1 = none; may be absent when
+      ``safety_aux_weight`` is 0); ``b`` divisible by ``accum_steps``.
     rng: unused. cfg, optimizer, margin (a ``MARGINS`` key), accum_steps: static.
+    safety_aux_weight: static float >= 0, the weight of the safety auxiliary loss (Llama 2
+      Appendix A.4, Table 29; the safety RM's; 0 = the plain ranking loss, bit for bit).
   Returns:
-    (new_state, metrics) float32 scalars: ``loss`` (mean per pair), ``accuracy`` (share of pairs
-    with r_chosen > r_rejected), ``reward_chosen``, ``reward_rejected``, ``margin`` (means),
-    ``pairs``, ``real_tokens``, ``grad_norm``, ``skipped`` (a batch without a valid pair).
+    (new_state, metrics) float32 scalars: ``loss`` (the optimized loss above, mean per pair),
+    ``ranking_loss`` (its ranking part, mean per pair), ``safety_aux_loss`` (mean aux loss per
+    labelled valid pair, unweighted; 0 when none), ``safety_labelled`` (labelled valid pairs),
+    ``accuracy`` (share of pairs with r_chosen > r_rejected), ``reward_chosen``,
+    ``reward_rejected``, ``margin`` (means), ``pairs``, ``real_tokens``, ``grad_norm``,
+    ``skipped`` (a batch without a valid pair).
+  Raises:
+    ValueError: (at trace time) if ``safety_aux_weight`` < 0, or > 0 without
+      ``batch["safety_label"]``.
   """
   del rng
-  batch = {k: batch[k] for k in PAIR_KEYS}
-  total, stats, grads = _accumulate(state.params, batch, accum_steps, cfg, margin)
+  if safety_aux_weight < 0:
+    raise ValueError(f"safety_aux_weight must be >= 0, got {safety_aux_weight}")
+  label = _safety_label(batch, safety_aux_weight)
+  batch = {**{k: batch[k] for k in PAIR_KEYS}, "safety_label": label}
+  total, stats, grads = _accumulate(state.params, batch, accum_steps, cfg, margin,
+                                    safety_aux_weight)
   n = stats["pairs"]
   new_state, metrics = apply_gradients(state, grads, n, optimizer)
   d = jnp.maximum(n, 1.0)
-  metrics.update(loss=total / d, accuracy=stats["correct"] / d, reward_chosen=stats["r_chosen"] / d,
+  metrics.update(loss=total / d, ranking_loss=stats["ranking"] / d,
+                 safety_aux_loss=stats["aux"] / jnp.maximum(stats["labelled"], 1.0),
+                 safety_labelled=stats["labelled"],
+                 accuracy=stats["correct"] / d, reward_chosen=stats["r_chosen"] / d,
                  reward_rejected=stats["r_rejected"] / d, margin=stats["margin"] / d, pairs=n,
                  real_tokens=(jnp.sum(batch["chosen_mask"]) + jnp.sum(batch["rejected_mask"]))
                  .astype(jnp.float32))
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, cfg: LlamaConfig, margin: str = "none") -> dict:
+def eval_step(params: Any, batch: Batch, *, cfg: LlamaConfig, margin: str = "none",
+              unsafe_threshold: float = 0.5) -> dict:
   """Sums over the valid pairs of a held-out batch (replicated scalars: multi-host safe).
 
+  Args:
+    batch: as ``train_step``, with ``safety_label``. cfg, margin, unsafe_threshold: static; a
+      response is flagged unsafe when ``sigmoid(r) < unsafe_threshold`` (Table 29 uses 0.5).
   Returns:
-    ``pairs``, ``correct``, ``loss_sum`` [] float32; ``pairs_by_rating`` / ``correct_by_rating``
-    [5] (``RATINGS`` order, last = no rating); ``pairs_by_label`` / ``correct_by_label`` [4]
-    (``SAFETY_LABELS`` order, last = no label).
+    ``pairs``, ``correct``, ``loss_sum`` (ranking loss) [] float32; ``pairs_by_rating`` /
+    ``correct_by_rating`` [5] (``RATINGS`` order, last = no rating); ``pairs_by_label`` /
+    ``correct_by_label`` [4] (``SAFETY_LABELS`` order, last = no label); over labelled valid pairs
+    (one example per response): ``safety_aux_sum`` (sum of ``safety_aux_loss``), ``unsafe`` /
+    ``safe`` (responses per target), ``unsafe_flagged`` / ``safe_flagged`` (of those, flagged).
   """
   rc, rr, valid = pair_scores(params, cfg, batch)
   w = valid.astype(jnp.float32)
@@ -268,6 +347,14 @@ def eval_step(params: Any, batch: Batch, *, cfg: LlamaConfig, margin: str = "non
     onehot = jax.nn.one_hot(ids, n + 1, dtype=jnp.float32)
     out[f"pairs_by_{name}"] = jnp.sum(onehot * w[:, None], axis=0)
     out[f"correct_by_{name}"] = jnp.sum(onehot * correct[:, None], axis=0)
+  yc, yr, labelled = safety_targets(batch["safety_label"])
+  wl = w * labelled
+  out["safety_aux_sum"] = jnp.sum(wl * safety_aux_loss(rc, rr, batch["safety_label"]))
+  safe, r = jnp.concatenate([yc, yr]), jnp.concatenate([rc, rr])
+  wl2, flagged = jnp.concatenate([wl, wl]), (jax.nn.sigmoid(r) < unsafe_threshold)
+  out.update(unsafe=jnp.sum(wl2 * (1.0 - safe)), safe=jnp.sum(wl2 * safe),
+             unsafe_flagged=jnp.sum(wl2 * (1.0 - safe) * flagged),
+             safe_flagged=jnp.sum(wl2 * safe * flagged))
   return out
 
 

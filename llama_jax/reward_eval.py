@@ -5,7 +5,10 @@ Llama 2 paper, Table 8: accuracy on held-out preference pairs, overall and per r
 data per safety label (chosen safe & rejected unsafe / both safe / both unsafe). Also the reward
 distributions of chosen vs rejected responses and a calibration plot of the predicted
 ``P(chosen > rejected) = sigmoid(r_chosen - r_rejected)`` (Bradley-Terry) against the observed
-frequency. Writes ``<workdir>/eval/reward_eval.json``, ``reward_eval.md``,
+frequency. For safety-labelled pairs, the detection of unsafe responses by the score
+``Rs = sigmoid(r) < threshold`` (``unsafe_detection``) at ``rejection_sampling.safety_threshold``
+(Sec. 3.2.3: 0.15, precision 0.89 / recall 0.55 on Meta's safety test set) and at 0.5 (Table 29),
+and the safety auxiliary loss. Writes ``<workdir>/eval/reward_eval.json``, ``reward_eval.md``,
 ``reward_distributions.png`` and ``calibration.png``.
 """
 
@@ -79,10 +82,72 @@ def calibration(r_chosen: np.ndarray, r_rejected: np.ndarray, bins: int = 10) ->
           "ece": float(ece)}
 
 
+def _label_ids(safety_label) -> np.ndarray:
+  label = np.asarray(safety_label).reshape(-1)
+  if label.dtype.kind in "OUS":  # label names (None / "none" = no label)
+    return np.array([sources.SAFETY_LABELS.index(x) if x not in (None, "none") else -1
+                     for x in label.tolist()], np.int64)
+  if label.size and (label.dtype.kind not in "iu" or label.min() < -1
+                     or label.max() >= len(sources.SAFETY_LABELS)):
+    raise ValueError(f"safety_label: expected ids in [-1, {len(sources.SAFETY_LABELS)}), got "
+                     f"{label.dtype} values {np.unique(label)[:8].tolist()}")
+  return label.astype(np.int64)
+
+
+def _safe_targets(r_chosen, r_rejected, safety_label):
+  """(r [2m], safe [2m] bool) of the responses of the m labelled pairs (chosen ones first)."""
+  rc = np.asarray(r_chosen, np.float64).reshape(-1)
+  rr = np.asarray(r_rejected, np.float64).reshape(-1)
+  label = _label_ids(safety_label)
+  if not len(rc) == len(rr) == len(label):
+    raise ValueError(f"r_chosen, r_rejected, safety_label: lengths {len(rc)}, {len(rr)}, "
+                     f"{len(label)} differ")
+  keep = label >= 0
+  targets = np.asarray(reward.SAFE_TARGETS, bool)[label[keep]].reshape(-1, 2)
+  return (np.concatenate([rc[keep], rr[keep]]),
+          np.concatenate([targets[:, 0], targets[:, 1]]))
+
+
+def unsafe_detection(r_chosen, r_rejected, safety_label, threshold=0.15) -> dict:
+  """Detection of unsafe responses by the safety score ``Rs = sigmoid(r) < threshold`` (Llama 2
+  Sec. 3.2.3: the combined reward uses 0.15, precision 0.89 / recall 0.55 on Meta's safety test
+  set; Table 29 measures recall at 0.5).
+
+  Every response of a labelled pair is one example: chosen is safe for the labels
+  ``chosen_safe_rejected_unsafe`` / ``both_safe``, rejected only for ``both_safe``
+  (``reward.SAFE_TARGETS``); unlabelled pairs (-1) are left out.
+
+  Args:
+    r_chosen, r_rejected: [n] RAW rewards (before the sigmoid) of held-out pairs.
+    safety_label: [n] int ids into ``sources.SAFETY_LABELS`` (-1 = none); label names (None =
+      none) are accepted too.
+    threshold: float in [0, 1].
+  Returns:
+    ``{"threshold", "precision" (flagged & unsafe / flagged), "recall" (flagged & unsafe /
+    unsafe), "n_unsafe", "n_safe", "n_flagged", "flagged_share_safe" (flagged & safe / safe)}``;
+    the ratios are float NaN when their denominator is 0, the counts int.
+  Raises:
+    ValueError: for lengths that differ, an unknown label id or name, or a threshold outside
+      [0, 1].
+  """
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+  r, safe = _safe_targets(r_chosen, r_rejected, safety_label)
+  flagged = 0.5 * (1.0 + np.tanh(0.5 * r)) < threshold  # sigmoid, without overflow warnings
+  ratio = lambda a, b: float(a) / b if b else float("nan")
+  hit, n_unsafe, n_safe = int((flagged & ~safe).sum()), int((~safe).sum()), int(safe.sum())
+  return {"threshold": float(threshold), "precision": ratio(hit, int(flagged.sum())),
+          "recall": ratio(hit, n_unsafe), "n_unsafe": n_unsafe, "n_safe": n_safe,
+          "n_flagged": int(flagged.sum()),
+          "flagged_share_safe": ratio((flagged & safe).sum(), n_safe)}
+
+
 def summarize(records: Sequence[Mapping[str, Any]], r_chosen: np.ndarray,
-              r_rejected: np.ndarray) -> dict:
+              r_rejected: np.ndarray, thresholds: Sequence[float] = (0.15, 0.5)) -> dict:
   """Accuracy (``r_chosen > r_rejected``) overall, per rating (``RATINGS`` + ``none``), per safety
-  label (when any record has one), reward statistics and calibration."""
+  label, reward statistics and calibration. When any record has a safety label, also
+  ``safety_aux_loss`` (``reward.safety_aux_loss`` per labelled pair) and ``unsafe_detection``
+  (a list, one ``unsafe_detection`` dict per ``thresholds`` entry)."""
   correct = r_chosen > r_rejected
   ratings = np.array([r.get("rating") or "none" for r in records])
   labels = np.array([r.get("safety_label") or "none" for r in records])
@@ -92,6 +157,11 @@ def summarize(records: Sequence[Mapping[str, Any]], r_chosen: np.ndarray,
   if (labels != "none").any():
     out["per_safety_label"] = {k: _acc(labels == k, correct) for k in sources.SAFETY_LABELS
                                if (labels == k).any()}
+    r, safe = _safe_targets(r_chosen, r_rejected, labels)
+    # -log sigmoid(r) if safe else -log sigmoid(-r), summed over the 2 responses of each pair.
+    out["safety_aux_loss"] = float(np.logaddexp(0.0, np.where(safe, -r, r)).sum() / (len(r) // 2))
+    out["unsafe_detection"] = [unsafe_detection(r_chosen, r_rejected, labels, t)
+                               for t in thresholds]
   stats = lambda x: {"mean": float(np.mean(x)), "std": float(np.std(x))} if len(x) else {}
   out["reward_chosen"], out["reward_rejected"] = stats(r_chosen), stats(r_rejected)
   out["calibration"] = calibration(r_chosen, r_rejected)
@@ -135,21 +205,34 @@ def _plots(scored: Mapping[str, tuple], out_dir: str) -> dict:
 def markdown(result: Mapping[str, Any]) -> str:
   """The Table-8-style markdown report of ``run``'s result."""
   lines = [f"# Reward model evaluation: {result['workdir']} ({result['model']} RM)", ""]
+  if result.get("safety_aux_weight"):
+    lines += [f"Trained with the safety auxiliary loss (Table 29), weight "
+              f"{result['safety_aux_weight']:g}.", ""]
   seen = {k for s in result["sources"].values() for k in s["per_rating"]}
   cols = ["source", "pairs", "overall"] + [k for k in sources.RATINGS + ("none",) if k in seen]
-  rows, label_rows = [], []
+  rows, label_rows, detect_rows = [], [], []
   for name, s in result["sources"].items():
     row = {"source": name, "pairs": s["overall"]["n"], "overall": s["overall"]["accuracy"]}
     row.update({k: f"{v['accuracy']:.3f} (n={v['n']})" for k, v in s["per_rating"].items()})
     rows.append(row)
     if "per_safety_label" in s:
-      label_rows.append({"source": name, **{k: f"{v['accuracy']:.3f} (n={v['n']})"
-                                            for k, v in s["per_safety_label"].items()}})
+      label_rows.append({"source": name, "aux_loss": s["safety_aux_loss"],
+                         **{k: f"{v['accuracy']:.3f} (n={v['n']})"
+                            for k, v in s["per_safety_label"].items()}})
+      detect_rows += [{"source": name, **d} for d in s["unsafe_detection"]]
   lines += ["Held-out accuracy, overall and per rating bucket (Llama 2 Table 8):", "",
             evaluation.markdown_table(rows, cols), ""]
   if label_rows:
-    lines += ["Per safety label:", "",
-              evaluation.markdown_table(label_rows, ["source"] + list(sources.SAFETY_LABELS)), ""]
+    lines += ["Per safety label (aux_loss: the safety auxiliary loss per labelled pair, Table 29):",
+              "", evaluation.markdown_table(label_rows, ["source"] + list(sources.SAFETY_LABELS)
+                                            + ["aux_loss"]), ""]
+  if detect_rows:
+    lines += ["Unsafe-response detection, one example per response of a safety-labelled pair, "
+              "flagged when Rs = sigmoid(r) < threshold (Llama 2 Sec. 3.2.3: 0.15 gave precision "
+              "0.89 / recall 0.55; Table 29: recall at 0.5):", "",
+              evaluation.markdown_table(detect_rows, [
+                  "source", "threshold", "precision", "recall", "n_unsafe", "n_safe", "n_flagged",
+                  "flagged_share_safe"]), ""]
   stat_rows = [{"source": n, "reward_chosen": s["reward_chosen"].get("mean", float("nan")),
                 "reward_rejected": s["reward_rejected"].get("mean", float("nan")),
                 "ece": s["calibration"]["ece"]} for n, s in result["sources"].items()]
@@ -180,9 +263,13 @@ def run(workdir: str) -> dict:
     scored[name] = score_pairs(params, cfg, tokenizer, records, config.reward.max_seq_len)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
+  rs_cut = float(config.get("rejection_sampling", {}).get("safety_threshold", 0.15))
+  thresholds = (rs_cut, 0.5) if rs_cut != 0.5 else (0.5,)
   result = {"workdir": os.path.abspath(workdir), "stage": "reward", "model": config.reward.model,
             "margin": config.reward.margin,
-            "sources": {n: summarize(kept, rc, rr) for n, (rc, rr, kept) in scored.items()}}
+            "safety_aux_weight": float(config.reward.get("safety_aux_weight", 0.0)),
+            "sources": {n: summarize(kept, rc, rr, thresholds)
+                        for n, (rc, rr, kept) in scored.items()}}
   result.update(_plots({n: v for n, v in scored.items() if len(v[0])}, out_dir))
   metrics = os.path.join(workdir, "logs", "metrics.jsonl")
   if os.path.exists(metrics):

@@ -128,7 +128,9 @@ def total_steps(config, primary_pairs: int) -> int:
 
 
 class HeldOut:
-  """Held-out ranking loss and accuracy (overall and per rating bucket / safety label) per source."""
+  """Held-out ranking loss and accuracy (overall and per rating bucket / safety label) per source;
+  for safety-labelled pairs also the safety auxiliary loss (per labelled pair) and the precision /
+  recall of flagging unsafe responses at Rs = sigmoid(r) < 0.5 (Llama 2 Table 29)."""
 
   def __init__(self, config, cfg, tokenizer, names, builders, put_batch):
     self.names, self.put_batch, self.tok = names, put_batch, tokenizer
@@ -170,6 +172,14 @@ class HeldOut:
         if sums["pairs_by_label"][i]:
           out[f"{name}/accuracy_{label}"] = float(sums["correct_by_label"][i]
                                                   / sums["pairs_by_label"][i])
+      labelled = float(sums["unsafe"] + sums["safe"]) / 2
+      if labelled:
+        out[f"{name}/safety_aux_loss"] = float(sums["safety_aux_sum"]) / labelled
+        flagged = float(sums["unsafe_flagged"] + sums["safe_flagged"])
+        if sums["unsafe"]:
+          out[f"{name}/unsafe_recall_at_0.5"] = float(sums["unsafe_flagged"] / sums["unsafe"])
+        if flagged:
+          out[f"{name}/unsafe_precision_at_0.5"] = float(sums["unsafe_flagged"]) / flagged
     return out
 
 
@@ -196,13 +206,16 @@ def run(config, workdir: str) -> dict:
     finished, ``final_dir`` and held-out ``eval`` metrics. ``train.stop_after_steps`` > 0 stops
     after that many steps in this call (checkpointed; the next call resumes).
   Raises:
-    ValueError / FileNotFoundError: on bad config fields or data (a malformed or overlong
+    ValueError / FileNotFoundError: on bad config fields (e.g. a negative
+      ``config.reward.safety_aux_weight``) or data (a malformed or overlong
       preference record names its file and line), before step 0 and, when the workdir is new,
       before anything is left in it.
   """
   rc = config.reward
   with stage_lib.clean_on_failure(workdir):
     reward.margin_values(np.zeros(1, np.int32), rc.margin)  # validates the table name
+    if not rc.safety_aux_weight >= 0:  # also rejects NaN
+      raise ValueError(f"config.reward.safety_aux_weight must be >= 0, got {rc.safety_aux_weight}")
     names = build.parse_list(rc.sources, "config.reward.sources")
     builders = preference_builders(config, workdir)
     tokenizer = build.tokenizer(config, workdir)
@@ -234,7 +247,7 @@ def run(config, workdir: str) -> dict:
   state = setup.start(checkpointer, batches, init_params_fn(config, cfg, setup))
   step_fn = setup.jit_step(functools.partial(
       reward.train_step, cfg=cfg, optimizer=optimizer, margin=rc.margin,
-      accum_steps=config.train.grad_accum_steps))
+      accum_steps=config.train.grad_accum_steps, safety_aux_weight=float(rc.safety_aux_weight)))
   writer = MetricWriter(os.path.join(workdir, "logs"))
   result = run_loop(state, step_fn, batches, total_steps=steps, checkpointer=checkpointer,
                     writer=writer, log_every=config.train.log_every,

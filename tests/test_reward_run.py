@@ -79,13 +79,21 @@ def test_overlong_pair_rejected_with_file_and_line(tmp_path):
   c.data.preference_jsonl_path = path
   c.data.tfds_dir, c.data.heldout_fraction = "", 0.3
   workdir = str(tmp_path / "run")
-  with pytest.raises(ValueError, match=re.escape(path) + r", line 6: .* more than config.reward.max_seq_len=104"):
+  with pytest.raises(ValueError, match=re.escape(path) + r", line 6: .* more than config.reward.max_seq_len=128"):
+    reward_run.run(c, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_negative_safety_aux_weight_rejected_before_step_0(tmp_path):
+  c = _tiny_config(tmp_path, "safety", safety_aux_weight=-0.5)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=re.escape("config.reward.safety_aux_weight")):
     reward_run.run(c, workdir)
   assert not os.path.exists(workdir)
 
 
 def test_tiny_world_smoke_from_sft_checkpoint_and_eval(tmp_path):
-  c = _tiny_config(tmp_path)
+  c = _tiny_config(tmp_path, safety_aux_weight=0.5)  # the aux term on the world_safety pairs
   cfg = build.model_config(c, 512)
   sft_final = str(tmp_path / "sft_final")
   llama = lj.init_params(cfg, jax.random.key(3))
@@ -94,7 +102,15 @@ def test_tiny_world_smoke_from_sft_checkpoint_and_eval(tmp_path):
   workdir = str(tmp_path / "rm")
   out = reward_run.run(c, workdir)
   assert out["steps"] == 3 and np.isfinite(out["train"]["loss"])
+  # The weight reaches train_step: loss = ranking + 0.5 * aux sum / pairs (log_every 1: last step).
+  tr = out["train"]
+  assert tr["safety_labelled"] > 0 and tr["safety_aux_loss"] > 0
+  assert tr["loss"] == pytest.approx(tr["ranking_loss"] + 0.5 * tr["safety_aux_loss"]
+                                     * tr["safety_labelled"] / tr["pairs"], rel=1e-5)
   assert 0.0 <= out["eval"]["world_helpfulness/accuracy"] <= 1.0
+  assert out["eval"]["world_safety/safety_aux_loss"] > 0
+  assert 0.0 <= out["eval"]["world_safety/unsafe_recall_at_0.5"] <= 1.0
+  assert "world_helpfulness/safety_aux_loss" not in out["eval"]  # no labelled pair there
   assert out["eval"]["world_helpfulness/pairs"] == 8
   got_cfg, params = reward.load_reward_model(out["final_dir"])
   assert got_cfg.dim == 32 and "output" not in params
@@ -105,7 +121,22 @@ def test_tiny_world_smoke_from_sft_checkpoint_and_eval(tmp_path):
   assert result["stage"] == "reward"
   helpful = result["sources"]["world_helpfulness"]
   assert helpful["overall"]["n"] == 8 and sum(v["n"] for v in helpful["per_rating"].values()) == 8
-  assert "per_safety_label" in result["sources"]["world_safety"]
+  safety = result["sources"]["world_safety"]
+  assert "per_safety_label" in safety and result["safety_aux_weight"] == 0.5
+  # Unsafe detection at rejection_sampling.safety_threshold (0.15) and at 0.5, and the aux loss:
+  # the same quantities the held-out eval of the last step computed with reward.eval_step.
+  assert [d["threshold"] for d in safety["unsafe_detection"]] == [0.15, 0.5]
+  at_half = safety["unsafe_detection"][1]
+  assert at_half["n_unsafe"] + at_half["n_safe"] == 2 * sum(
+      v["n"] for v in safety["per_safety_label"].values())
+  if at_half["n_unsafe"]:
+    assert at_half["recall"] == pytest.approx(out["eval"]["world_safety/unsafe_recall_at_0.5"],
+                                              abs=1e-6)
+  assert safety["safety_aux_loss"] == pytest.approx(out["eval"]["world_safety/safety_aux_loss"],
+                                                    rel=1e-4)
+  assert "unsafe_detection" not in helpful
+  md = open(os.path.join(workdir, "eval", "reward_eval.md")).read()
+  assert "Unsafe-response detection" in md and "| world_safety | 0.150 |" in md
   for name in ("reward_eval.json", "reward_eval.md", "calibration.png", "reward_distributions.png"):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
 
