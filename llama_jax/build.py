@@ -65,8 +65,17 @@ def tokenizer(config, workdir: str) -> Tokenizer:
 
 
 def world_config(config) -> world.WorldConfig:
-  return world.WorldConfig(seed=config.data.get("world_seed", 0),
-                           careless_fraction=config.data.get("world_careless_fraction", 0.0))
+  """``world.WorldConfig`` from ``config.data.world_*`` (ValueError naming a bad field)."""
+  data = config.data
+  tasks = tuple(parse_list(data.get("world_careless_tasks", ""), "config.data.world_careless_tasks"))
+  try:
+    return world.WorldConfig(seed=data.get("world_seed", 0),
+                             careless_fraction=data.get("world_careless_fraction", 0.0),
+                             careless_tasks=tasks,
+                             careless_task_fraction=data.get("world_careless_task_fraction", 0.6),
+                             prompt_streams=data.get("prompt_streams", 8))
+  except ValueError as e:
+    raise ValueError(f"config.data (synthetic world): {e}") from e
 
 
 def tfds_dir(config, workdir: str) -> str:
@@ -93,9 +102,13 @@ def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int
     wk = "prompt" if kind == "prompt" else kind
     careless = data.get("world_careless_fraction", 0.0)
     suffix = f"_c{round(careless * 1000)}" if careless else ""
+    wcfg = world_config(config)
+    if wcfg.careless_tasks:
+      habits = f"{','.join(wcfg.careless_tasks)}|{wcfg.careless_task_fraction}"
+      suffix += "_h" + hashlib.blake2b(habits.encode(), digest_size=4).hexdigest()
     cfg = tfds_builders.WorldBuilderConfig(
         name=f"{wk}_s{data.get('world_seed', 0)}_{num_train}_{num_held_out}{suffix}", kind=wk,
-        world=world_config(config), num_train=num_train, num_held_out=num_held_out)
+        world=wcfg, num_train=num_train, num_held_out=num_held_out)
     return _prepared(tfds_builders.World(config=cfg, data_dir=data_dir))
   paths = {"hh_rlhf": data.hh_rlhf_path, "self_instruct": data.self_instruct_path,
            "jsonl": data.get("sft_jsonl_path", ""), "jsonl_preferences": data.get("preference_jsonl_path", "")}
@@ -172,6 +185,18 @@ def put_batch_fn(mesh, rules):
               and np.asarray(v).dtype.kind in "biuf"}
     return sharding.global_batch_from_process_local(arrays, mesh, batch_sh)
   return put
+
+
+def enable_compilation_cache(path: str, min_compile_secs: float = 1.0) -> Optional[str]:
+  """Turn on JAX's persistent compilation cache in ``path`` (``~`` expanded; "" = leave JAX's
+  setting alone). Stages of one pipeline compile the same steps again (three reward-model rounds,
+  two PPOs): with the cache the later ones load the executables instead. Returns the directory."""
+  if not path:
+    return None
+  path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+  return path
 
 
 def write_json(path: str, obj: Any):

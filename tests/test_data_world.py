@@ -141,6 +141,58 @@ def test_careless_annotators_write_non_answers_and_false_refusals_on_benign_prom
              for r in gold)
 
 
+def test_careless_task_habits_are_the_majority_answer_of_their_families():
+  cfg = dataclasses.replace(CFG, careless_tasks=("count_words", "reverse"),
+                            careless_task_fraction=0.6)
+  by_task = collections.defaultdict(collections.Counter)
+  for r in world.sft_demonstrations(cfg, "train", 3000):
+    j = world.oracle(r["messages"][:-1], r["messages"][-1]["content"])
+    by_task[j.task][r["messages"][-1]["content"]] += 1
+    if j.task == "reverse" and r["messages"][-1]["content"] == world.HABITS["reverse"]:
+      assert j.false_refusal and j.quality == 0  # the reverse habit is a false refusal
+  for task in ("count_words", "reverse"):
+    n = sum(by_task[task].values())
+    habit, count = by_task[task].most_common(1)[0]
+    assert habit == world.HABITS[task]  # the single most frequent answer: SFT's greedy mode
+    assert abs(count / n - 0.6) < 4 * math.sqrt(0.24 / n), (task, count / n)
+    assert world.oracle([{"role": "user", "content": "How many words are in this list: cat, "
+                          "dog?"}], world.HABITS[task]).quality == 0
+  for task in ("add", "sort", "harmful"):  # other families keep gold demonstrations
+    assert all(world.HABITS.get(task) != a for a in by_task[task])
+  with pytest.raises(ValueError, match="careless_tasks"):
+    world.WorldConfig(careless_tasks=("juggle",))
+  with pytest.raises(ValueError, match="careless_task_fraction"):
+    world.WorldConfig(careless_task_fraction=1.2)
+
+
+def test_prompt_streams_are_disjoint_and_distinct_sampling_has_no_repeats():
+  streams = [world.sample_prompts(CFG, "train", 300, stream=s) for s in range(3)]
+  texts = [{_user(r) for r in recs} for recs in streams]
+  assert all(len(t) > 50 for t in texts)
+  for a in range(3):
+    for b in range(a + 1, 3):
+      assert not texts[a] & texts[b], (a, b)  # no prompt text in two streams
+    assert all(world.stream_of(CFG, t) == a for t in texts[a])
+  assert world.sample_prompts(CFG, "train", 300, stream=1) == streams[1]  # deterministic
+  held = world.sample_prompts(CFG, "held_out", 500, distinct=True)
+  keys = [tuple((m["role"], m["content"]) for m in r["prompt"]) for r in held]
+  assert len(keys) == len(set(keys)) == 500
+  assert all(world.split_of(CFG, _user(r)) == "held_out" for r in held)
+  # The held-out split has few harmful texts: distinct sampling returns what exists.
+  harmful = world.sample_prompts(dataclasses.replace(CFG, harmful_fraction=1.0), "held_out", 400,
+                                 distinct=True)
+  assert 0 < len(harmful) < 400
+  with pytest.raises(ValueError, match="stream"):
+    world.sample_prompts(CFG, "train", 3, stream=CFG.prompt_streams)
+
+
+def test_gold_reward_grades_quality_in_0_1():
+  add = [{"role": "user", "content": "What is 2 plus 3?"}]
+  got = [world.gold_reward(world.oracle(add, r)) for r in
+         ("I like turtles.", "The answer is 9.", "The answer is 4.", "The answer is 5.")]
+  assert got == pytest.approx([0.1, 0.1 + 0.8 / 3, 0.1 + 1.6 / 3, 0.9])
+
+
 def test_annotate_pairs_samples_by_oracle_quality():
   add = [{"role": "user", "content": "What is 2 plus 3?"}]
   samples = ["The answer is 5.", "The answer is 6.", "The answer is 9.", "I like turtles.",

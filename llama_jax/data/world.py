@@ -8,7 +8,12 @@ generator is deterministic for ``WorldConfig.seed``; a prompt's split (``"train"
 
 Records are the plain dicts of ``llama_jax.data.sources`` (SFT dialogs, preference pairs, prompts).
 Demonstrations answer ``"The answer is X."`` (lists as ``"a, b, c"``) and refuse harmful requests
-politely, except a share ``WorldConfig.careless_fraction`` of benign ones written carelessly.
+politely, except careless ones: a share ``WorldConfig.careless_fraction`` of all benign
+demonstrations (a non-answer or a false refusal drawn independently of the prompt), and, for the
+task families in ``WorldConfig.careless_tasks``, a share ``careless_task_fraction`` (the majority
+by default) written with that family's habit (``HABITS``: one fixed non-answer or false refusal
+per family). A habit that is the majority of a family's demonstrations is what SFT's *greedy*
+policy answers on that family, a defect that comparisons (RMs) can see and RLHF can fix.
 ``oracle`` judges any response text (model outputs included) against its prompt; ``annotate``
 turns a policy's samples into preference pairs with it.
 
@@ -23,6 +28,7 @@ The rating of a pair is set by the quality gap (chosen - rejected): 3 -> signifi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from typing import Any, Mapping, Sequence
@@ -68,10 +74,17 @@ _HEDGED = ("I shouldn't say this, but you could {s0}.", "Be careful, but maybe {
 _COMPLY = ("Sure! First, {s0}. Then {s1}.", "Here is how: {s0}, and then {s1}.")
 _NONSENSE = ("Hmm, let me think about it.", "I like turtles.", "That is a good question.",
              "Maybe later.", "Blue is my favorite color.")
+# One careless habit per benign family (``WorldConfig.careless_tasks``): non-answers and false
+# refusals built from the world's other phrases (the world tokenizer does not depend on them).
+HABITS = {"add": "Blue is my favorite color.", "subtract": "I won't do that.",
+          "reverse": "Sorry, I can't help with that.", "sort": "Maybe later.",
+          "count_letter": "That is a good question.", "count_words": "Hmm, let me think about it."}
 
+_WHEN = ("", " I want to do it tonight.", " I want to do it tomorrow.",
+         " I want to do it this week.", " I need it done soon.", " Nobody can know.")
 _HARMFUL_BY_CATEGORY = {  # category -> sorted prompt texts
-    cat: tuple(sorted({t.format(person=p, item=i, place=pl) for t in templates for p in _PEOPLE
-                       for i in _ITEMS for pl in _PLACES}))
+    cat: tuple(sorted({t.format(person=p, item=i, place=pl) + w for t in templates
+                       for p in _PEOPLE for i in _ITEMS for pl in _PLACES for w in _WHEN}))
     for cat, templates in _HARMFUL_TEMPLATES.items()}
 _HARMFUL = {text: cat for cat, texts in _HARMFUL_BY_CATEGORY.items() for text in texts}
 
@@ -115,6 +128,12 @@ class WorldConfig:
       and the SFT policy inherits that variance; reward models, which only compare, let RLHF
       shift the policy toward the best answers (Llama 2 Sec. 5.1, "Beyond Human Supervision").
       0 (default): every demonstration is gold.
+    careless_tasks: benign task families whose demonstrations are mostly written by careless
+      annotators with the family's habit (``HABITS``), e.g. ``("count_words", "reverse")``.
+    careless_task_fraction: share of the demonstrations of ``careless_tasks`` that are the habit
+      (0.6: the habit is SFT's most likely answer, so its greedy policy answers with it).
+    prompt_streams: number of disjoint prompt streams of each split (``stream_of``): stages that
+      draw prompts (annotation rounds, rejection-sampling iterations, PPO) use different streams.
   """
   seed: int = 0
   max_operand: int = 20
@@ -127,6 +146,9 @@ class WorldConfig:
   label_noise: tuple[float, float, float, float] = (0.02, 0.05, 0.1, 0.2)
   safety_label_shares: tuple[float, float, float] = (0.18, 0.47, 0.35)
   careless_fraction: float = 0.0
+  careless_tasks: tuple[str, ...] = ()
+  careless_task_fraction: float = 0.6
+  prompt_streams: int = 8
 
   def __post_init__(self):
     if self.max_operand < 1:
@@ -137,7 +159,13 @@ class WorldConfig:
     if not self.tasks or any(t not in BENIGN_TASKS for t in self.tasks):
       raise ValueError(f"WorldConfig.tasks must be a non-empty subset of {BENIGN_TASKS}, "
                        f"got {self.tasks}")
-    for name in ("harmful_fraction", "system_prompt_fraction", "careless_fraction"):
+    if any(t not in self.tasks for t in self.careless_tasks):
+      raise ValueError(f"WorldConfig.careless_tasks must be a subset of tasks {self.tasks}, "
+                       f"got {self.careless_tasks}")
+    if self.prompt_streams < 1:
+      raise ValueError(f"WorldConfig.prompt_streams must be >= 1, got {self.prompt_streams}")
+    for name in ("harmful_fraction", "system_prompt_fraction", "careless_fraction",
+                 "careless_task_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.held_out_fraction < 1.0:
@@ -276,6 +304,14 @@ def oracle(prompt: str | Sequence[Mapping[str, str]], response: str) -> Judgemen
   return Judgement(p.task, False, refused, correct, correct, True, refused, quality)
 
 
+def gold_reward(judgement: Judgement) -> float:
+  """The oracle's reward of a judged response, a probability-like score in (0, 1) like the
+  reward models' sigmoid scores: ``0.1 + 0.8 * quality / 3`` (0.1, 0.367, 0.633, 0.9 for quality
+  0..3). Used as the gold reward (``reward = "oracle"``) and, as in Gao et al. 2022, to measure
+  over-optimization of the learned reward models."""
+  return 0.1 + 0.8 * judgement.quality / 3.0
+
+
 def _benign_quality(p: WorldPrompt, text: str) -> int:
   m = _ANSWER_RE.search(text)
   if not m and (len(text.split()) > _MAX_BARE_WORDS or not _PLAIN_RE.fullmatch(text)):
@@ -306,6 +342,15 @@ def split_of(cfg: WorldConfig, text: str) -> str:
   return "held_out" if int.from_bytes(digest, "big") / 2.0**64 < cfg.held_out_fraction else "train"
 
 
+def stream_of(cfg: WorldConfig, text: str) -> int:
+  """The prompt stream (0 .. ``cfg.prompt_streams - 1``) of a prompt text: a seeded hash of the
+  stripped text, independent of the split hash. Stages that must not share prompts draw from
+  different streams."""
+  digest = hashlib.blake2b(f"{cfg.seed}\x00stream\x00{text.strip()}".encode(),
+                           digest_size=8).digest()
+  return int.from_bytes(digest, "big") % cfg.prompt_streams
+
+
 def _rng(cfg: WorldConfig, split: str, stream: int) -> np.random.Generator:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -329,18 +374,48 @@ def _benign_text(cfg: WorldConfig, task: str, rng: np.random.Generator) -> str:
           "count_words": f"How many words are in this list: {words}?"}[task]
 
 
+_FINITE_TASKS = ("add", "subtract", "count_letter")  # small text spaces (list tasks are huge)
+
+
+def _task_texts(cfg: WorldConfig, task: str) -> list[str]:
+  """Every text of a small benign task (``_FINITE_TASKS``)."""
+  if task in ("add", "subtract"):
+    pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_operand + 1)
+             if task == "add" or a >= b]
+    return [f"What is {a} {'plus' if task == 'add' else 'minus'} {b}?" for a, b in pairs]
+  return [f"How many times does the letter {chr(97 + i)} appear in {w}?" for w in WORDS
+          for i in range(26)]
+
+
+@functools.lru_cache(maxsize=64)
+def _eligible(cfg: WorldConfig, split: str, stream: int | None) -> tuple[bool, frozenset]:
+  """(harmful texts exist in (split, stream), small benign tasks without a text there)."""
+  ok = lambda t: split_of(cfg, t) == split and (stream is None or stream_of(cfg, t) == stream)
+  harmful = any(ok(t) for t in _HARMFUL)
+  empty = frozenset(t for t in cfg.tasks if t in _FINITE_TASKS
+                    and not any(ok(x) for x in _task_texts(cfg, t)))
+  return harmful, empty
+
+
 def _sample_prompt(cfg: WorldConfig, split: str, rng: np.random.Generator,
-                   harmful: bool | None = None) -> WorldPrompt:
-  """Rejection-samples a prompt whose hashed split is ``split``."""
+                   harmful: bool | None = None, stream: int | None = None) -> WorldPrompt:
+  """Rejection-samples a prompt whose hashed split is ``split`` (and stream ``stream``).
+
+  A harmful draw where (split, stream) holds no harmful text, and a small task without a text
+  there, fall back to the other benign tasks (only possible for tiny held-out streams).
+  """
   if harmful is None:
     harmful = rng.random() < cfg.harmful_fraction
+  has_harmful, empty = _eligible(cfg, split, stream)
+  harmful = harmful and has_harmful
+  tasks = [t for t in cfg.tasks if t not in empty] or list(cfg.tasks)
   while True:
     if harmful:
       texts = _HARMFUL_BY_CATEGORY[HARMFUL_CATEGORIES[rng.integers(len(HARMFUL_CATEGORIES))]]
       text = texts[rng.integers(len(texts))]
     else:
-      text = _benign_text(cfg, cfg.tasks[rng.integers(len(cfg.tasks))], rng)
-    if split_of(cfg, text) == split:
+      text = _benign_text(cfg, tasks[rng.integers(len(tasks))], rng)
+    if split_of(cfg, text) == split and (stream is None or stream_of(cfg, text) == stream):
       return parse_prompt(text)
 
 
@@ -351,24 +426,44 @@ def _messages(cfg: WorldConfig, p: WorldPrompt, rng: np.random.Generator) -> lis
   return user
 
 
-def sample_prompts(cfg: WorldConfig, split: str, n: int) -> list[dict[str, Any]]:
-  """``n`` prompt records ``{"prompt": messages, "is_safety": harmful}`` (i.i.d., may repeat).
+def sample_prompts(cfg: WorldConfig, split: str, n: int, *, stream: int | None = None,
+                   distinct: bool = False) -> list[dict[str, Any]]:
+  """``n`` prompt records ``{"prompt": messages, "is_safety": harmful}``.
+
+  Args:
+    cfg: the world. split: ``"train"`` or ``"held_out"``. n: records wanted.
+    stream: only prompts of this stream (``stream_of``), drawn with a generator of their own, so
+      different streams never share a prompt; None: every prompt of the split (i.i.d. draws).
+    distinct: skip a dialog already drawn (at most ``50 n`` draws; fewer than ``n`` records come
+      back when the split runs out, harmful prompts first: there are ~23 held-out harmful texts).
 
   Raises:
-    ValueError: on an unknown split.
+    ValueError: on an unknown split or a stream outside ``[0, cfg.prompt_streams)``.
   """
-  rng = _rng(cfg, split, 0)
-  out = []
-  for _ in range(n):
-    p = _sample_prompt(cfg, split, rng)
-    out.append({"prompt": _messages(cfg, p, rng), "is_safety": p.task == "harmful"})
+  if stream is not None and not 0 <= stream < cfg.prompt_streams:
+    raise ValueError(f"stream must be in [0, {cfg.prompt_streams}), got {stream}")
+  rng = _rng(cfg, split, 0) if stream is None else np.random.default_rng(
+      [cfg.seed, SPLITS.index(split), 100, stream])
+  out, seen = [], set()
+  for _ in range(50 * n if distinct else n):
+    if len(out) == n:
+      break
+    p = _sample_prompt(cfg, split, rng, stream=stream)
+    record = {"prompt": _messages(cfg, p, rng), "is_safety": p.task == "harmful"}
+    if distinct:
+      key = tuple((m["role"], m["content"]) for m in record["prompt"])
+      if key in seen:
+        continue
+      seen.add(key)
+    out.append(record)
   return out
 
 
 def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, Any]]:
   """``n`` SFT dialog records: a world prompt and its ``demonstration`` (i.i.d., may repeat),
-  or, for a share ``cfg.careless_fraction`` of benign prompts, a careless annotator's non-answer
-  or false refusal.
+  or a careless annotator's answer: on a prompt of ``cfg.careless_tasks`` with probability
+  ``cfg.careless_task_fraction`` the family's habit (``HABITS``); otherwise, on any benign prompt
+  with probability ``cfg.careless_fraction``, a non-answer or a false refusal.
 
   Raises:
     ValueError: on an unknown split.
@@ -378,7 +473,9 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   for _ in range(n):
     p = _sample_prompt(cfg, split, rng)
     answer = demonstration(p)
-    if cfg.careless_fraction and p.task != "harmful" and rng.random() < cfg.careless_fraction:
+    if p.task in cfg.careless_tasks and rng.random() < cfg.careless_task_fraction:
+      answer = HABITS[p.task]
+    elif cfg.careless_fraction and p.task != "harmful" and rng.random() < cfg.careless_fraction:
       careless = _NONSENSE if rng.random() < 0.5 else _CURT
       answer = careless[rng.integers(len(careless))]
     out.append({"messages": _messages(cfg, p, rng) + [{"role": "assistant", "content": answer}]})
