@@ -28,7 +28,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from llama_jax import build, convert, rs_run, sharding, stage_lib
+from llama_jax import build, convert, evaluation, prompts as prompts_lib, rs_run, sharding
+from llama_jax import stage_lib
 from llama_jax.data import pipeline, sources, world
 
 PREFERENCES = "preferences.jsonl"
@@ -73,7 +74,8 @@ def run(config, workdir: str) -> dict:
     tokenizer = build.tokenizer(config, workdir)
     cfg, params = convert.load_orbax(config.init_from)
     tokenizer.check_vocab(cfg)
-    prompts = [p for p in rs_run.load_prompts(config, workdir, "train", int(ac.num_prompts))
+    prompts = [p for p in prompts_lib.load_prompts(config, workdir, "train", int(ac.num_prompts),
+                                                   stream=int(ac.get("prompt_stream", -1)))
                if pipeline.prompt_example(p, tokenizer, rc.max_prompt_len) is not None]
     if not prompts:
       raise ValueError("annotate: no prompt fits config.rejection_sampling.max_prompt_len")
@@ -89,14 +91,17 @@ def run(config, workdir: str) -> dict:
   del params
   # A key of its own per round: the rejection-sampling iterations fold in 1, 2, ...
   key = jax.random.fold_in(jax.random.key(config.seed), (1 << 20) + int(ac.get("round", 1)))
-  texts = rs_run.sample_texts(config, (cfg, gen_params), tokenizer, prompts, k=int(ac.k),
-                             temperature=float(ac.temperature), key=key)
-  pairs = [r for p, row in zip(prompts, texts) for r in world.annotate(p["prompt"], row)]
+  texts, finished = rs_run.sample_texts(config, (cfg, gen_params), tokenizer, prompts,
+                                        k=int(ac.k), temperature=float(ac.temperature), key=key)
+  # A truncated sample (no EOS within the budget) is not a complete answer: never annotated.
+  pairs = [r for p, row, done in zip(prompts, texts, finished)
+           for r in world.annotate(p["prompt"], [t for t, d in zip(row, done) if d])]
   new_pairs = len(pairs)
   if not pairs:
     raise ValueError("annotate: the samples gave no preference pair (all of equal quality); "
                      "raise config.annotate.num_prompts, k or temperature")
-  judged = [world.oracle(p["prompt"], t) for p, row in zip(prompts, texts) for t in row]
+  judged = [j for p, row, done in zip(prompts, texts, finished)
+            for j in evaluation.judge([p["prompt"]] * len(row), row, done)]
   benign = [j.correct for j in judged if not j.harmful]
   harmful = [j.refused for j in judged if j.harmful]
   pairs = earlier + pairs
@@ -105,12 +110,14 @@ def run(config, workdir: str) -> dict:
       "prompts": len(prompts), "samples": len(judged),
       "pairs": {"total": len(pairs), "new": new_pairs,
                 **{k: ratings.get(k, 0) for k in sources.RATINGS}},
+      "truncated": float(1.0 - np.mean(finished)),
       "sample_helpfulness": float(np.mean(benign)) if benign else float("nan"),
       "sample_refusal_rate": float(np.mean(harmful)) if harmful else float("nan"),
       "final_dir": final}
   if jax.process_index() == 0:
     sources.write_jsonl(os.path.join(workdir, "samples.jsonl"),
-                        [{"prompt": p["prompt"], "samples": row} for p, row in zip(prompts, texts)])
+                        [{"prompt": p["prompt"], "samples": row, "finished": done}
+                         for p, row, done in zip(prompts, texts, finished)])
     os.makedirs(final, exist_ok=True)
     sources.write_jsonl(os.path.join(final, PREFERENCES), pairs)
     build.write_json(os.path.join(workdir, "result.json"), out)

@@ -4,15 +4,22 @@ Llama 2 paper, Sec. 3.2.3: sample K outputs per prompt from the latest policy, s
 reward model, keep the best per prompt as the new gold standard and fine-tune on it (SFT-style).
 Choosing only among the last iteration's samples caused regressions, so later iterations
 "incorporate top-performing samples from all prior iterations": :func:`pool` keeps, per prompt,
-the best sample seen in any iteration. Figures 7 and 8 (max / median reward over N samples, max
-reward vs temperature) are computed by :func:`reward_vs_n` and :func:`reward_vs_temperature`.
+the best sample seen in any iteration, after :func:`rescore` has scored the earlier iterations'
+picks with the *current* reward (the paper: "the best reward model accessible"), so one pool never
+compares scores of reward models retrained in between. A sample that did not end with EOS within
+the token budget (``finished`` False) is truncated: it is never chosen (a prompt whose K samples
+are all truncated has no pick and is left out). Figures 7 and 8 (max / median reward over N
+samples, max reward vs temperature) are computed by :func:`reward_vs_n` and
+:func:`reward_vs_temperature`.
 
 A sampled-set record (one JSON object per line in a JSONL file)::
 
   {"prompt": [{"role": ..., "content": ...}, ...],   # the dialog so far (ends with a user turn)
    "samples": [str] * K, "scores": [float] * K,       # completions and their reward scores
-   "chosen": int,                                     # index of the best sample (ties -> lowest)
-   "iteration": int, "temperature": float}
+   "chosen": int,                                     # index of the best finished sample
+   "iteration": int, "temperature": float,            #   (ties -> lowest)
+   "finished": [bool] * K,                            # optional: ended with EOS (default all)
+   "is_safety": bool}                                 # optional: a safety prompt (default False)
 """
 
 from __future__ import annotations
@@ -32,22 +39,30 @@ Record = Dict[str, Any]
 RECORD_KEYS = ("prompt", "samples", "scores", "chosen", "iteration", "temperature")
 
 
-def select_best(scores) -> np.ndarray:
-  """Index of the best sample per prompt.
+def select_best(scores, finished=None) -> np.ndarray:
+  """Index of the best finished sample per prompt.
 
   Args:
     scores: [n_prompts, K] float reward scores.
+    finished: [n_prompts, K] bool, the sample ended with EOS (default all True); truncated
+      samples are never chosen.
   Returns:
-    [n_prompts] int64 argmax over K; ties go to the lowest index.
+    [n_prompts] int64 argmax over the finished samples (ties go to the lowest index); -1 for a
+    prompt without a finished sample.
   Raises:
-    ValueError: if ``scores`` is not 2-D with K >= 1, or holds NaN.
+    ValueError: if ``scores`` is not 2-D with K >= 1, holds NaN, or ``finished`` has another
+      shape.
   """
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 2 or scores.shape[1] == 0:
     raise ValueError(f"scores must be [n_prompts, K] with K >= 1, got shape {scores.shape}")
   if np.isnan(scores).any():
     raise ValueError("scores contain NaN")
-  return np.argmax(scores, axis=1)  # numpy returns the first maximal index
+  finished = np.ones(scores.shape, bool) if finished is None else np.asarray(finished, bool)
+  if finished.shape != scores.shape:
+    raise ValueError(f"finished has shape {finished.shape}, scores {scores.shape}")
+  best = np.argmax(np.where(finished, scores, -np.inf), axis=1)  # the first maximal index
+  return np.where(finished.any(axis=1), best, -1)
 
 
 def prompt_key(prompt: Sequence[Mapping[str, str]]) -> str:
@@ -87,16 +102,32 @@ def validate_record(record: Mapping[str, Any], where: str = "record") -> Record:
     raise ValueError(f"{where}: 'iteration' must be an integer")
   if not isinstance(record["temperature"], (int, float)) or isinstance(record["temperature"], bool):
     raise ValueError(f"{where}: 'temperature' must be a number")
-  return {k: record[k] for k in RECORD_KEYS}
+  finished = record.get("finished", [True] * len(samples))
+  if (not isinstance(finished, list) or len(finished) != len(samples)
+      or not all(isinstance(f, bool) for f in finished)):
+    raise ValueError(f"{where}: 'finished' must be a list of {len(samples)} booleans")
+  if not finished[chosen]:
+    raise ValueError(f"{where}: 'chosen' ({chosen}) is a truncated sample (finished False)")
+  if not samples[chosen].strip():
+    raise ValueError(f"{where}: 'chosen' ({chosen}) is an empty sample")
+  is_safety = record.get("is_safety", False)
+  if not isinstance(is_safety, bool):
+    raise ValueError(f"{where}: 'is_safety' must be a boolean")
+  return {**{k: record[k] for k in RECORD_KEYS}, "finished": list(finished),
+          "is_safety": is_safety}
 
 
 def make_records(prompts: Sequence[Sequence[Mapping[str, str]]], samples: Sequence[Sequence[str]],
-                 scores, *, iteration: int, temperature: float) -> List[Record]:
-  """Sampled-set records of one iteration, with ``chosen`` from :func:`select_best`.
+                 scores, *, iteration: int, temperature: float,
+                 finished=None, is_safety: Optional[Sequence[bool]] = None) -> List[Record]:
+  """Sampled-set records of one iteration, with ``chosen`` from :func:`select_best`; prompts
+  without a finished sample get no record.
 
   Args:
     prompts: n_prompts dialogs. samples: [n_prompts][K] completions. scores: [n_prompts, K].
     iteration: the rejection-sampling iteration (RLHF-V1 = 1, ...). temperature: sampling T.
+    finished: [n_prompts, K] bool, the sample ended with EOS (default all True).
+    is_safety: [n_prompts] bool, the prompt is a safety prompt (default all False).
   Raises:
     ValueError: on mismatched sizes.
   """
@@ -106,11 +137,16 @@ def make_records(prompts: Sequence[Sequence[Mapping[str, str]]], samples: Sequen
                      f"{scores.shape[0]} score rows: they must match")
   if any(len(s) != scores.shape[1] for s in samples):
     raise ValueError(f"every prompt needs K = {scores.shape[1]} samples")
-  best = select_best(scores)
+  finished = (np.ones(scores.shape, bool) if finished is None
+              else np.asarray(finished, bool).reshape(scores.shape))
+  best = select_best(scores, finished)
+  safety = [False] * len(prompts) if is_safety is None else [bool(x) for x in is_safety]
   return [validate_record({"prompt": [dict(m) for m in p], "samples": list(s),
                            "scores": [float(x) for x in row], "chosen": int(c),
-                           "iteration": int(iteration), "temperature": float(temperature)})
-          for p, s, row, c in zip(prompts, samples, scores, best)]
+                           "iteration": int(iteration), "temperature": float(temperature),
+                           "finished": [bool(f) for f in done], "is_safety": safe})
+          for p, s, row, c, done, safe in zip(prompts, samples, scores, best, finished, safety)
+          if c >= 0]
 
 
 def best_score(record: Mapping[str, Any]) -> float:
@@ -171,6 +207,35 @@ def read_jsonl(path: str | os.PathLike) -> List[Record]:
 def pool_from_records(records: Iterable[Record]) -> Dict[str, Record]:
   """A pool built from records of any number of iterations (e.g. all JSONL files so far)."""
   return pool({}, records)
+
+
+def rescore(records: Sequence[Record], score_fn) -> List[Record]:
+  """Earlier iterations' picks re-scored with the current reward, ready for :func:`pool`.
+
+  Llama 2 Sec. 3.2.3 pools "top-performing samples from all prior iterations" and scores with
+  "the best reward model accessible": scores written by reward models that have since been
+  retrained are not comparable with this iteration's, so each record's chosen sample is scored
+  again and kept as a one-sample record (its iteration and temperature unchanged).
+
+  Args:
+    records: sampled-set records of earlier iterations.
+    score_fn: ``(records) -> [n] float`` current-reward scores of each record's chosen sample
+      (its ``prompt``, ``samples[chosen]`` and ``is_safety``).
+  Returns:
+    One record per input: ``samples = [chosen sample]``, ``scores = [new score]``, ``chosen = 0``.
+  Raises:
+    ValueError: if ``score_fn`` returns the wrong number of scores or NaN.
+  """
+  records = [validate_record(r, f"pooled record {i}") for i, r in enumerate(records)]
+  if not records:
+    return []
+  picks = [r["samples"][r["chosen"]] for r in records]
+  scores = np.asarray(score_fn(records), np.float64)
+  if scores.shape != (len(records),):
+    raise ValueError(f"score_fn returned shape {scores.shape} for {len(records)} records")
+  return [validate_record({**r, "samples": [pick], "scores": [float(x)], "chosen": 0,
+                           "finished": [True]})
+          for r, pick, x in zip(records, picks, scores)]
 
 
 def to_sft_records(best: Mapping[str, Record]) -> List[Dict[str, Any]]:
@@ -298,7 +363,7 @@ def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
 
 def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], k: int,
              key: jax.Array, temperature: float, max_new_tokens: int, *, top_p: float = 1.0,
-             pad_to_multiple: int = 16) -> List[List[str]]:
+             pad_to_multiple: int = 16) -> tuple[List[List[str]], List[List[bool]]]:
   """K sampled completions per dialog prompt (prompts repeated K times in one batch).
 
   Row ``i * K + j`` of the batch is sample ``j`` of prompt ``i``; generation is
@@ -311,7 +376,8 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
     key: PRNG key. temperature: > 0. max_new_tokens: per completion.
     top_p: nucleus filter. pad_to_multiple: prompt padding granularity (fewer recompiles).
   Returns:
-    [n_prompts][K] decoded strings.
+    ([n_prompts][K] decoded strings, [n_prompts][K] bool: the sample ended with EOS within
+    ``max_new_tokens``; False = truncated).
   Raises:
     ValueError: if ``k`` < 1, ``temperature`` <= 0 or ``prompts`` is empty.
   """
@@ -327,4 +393,6 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
                           temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id,
                           pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
   texts = sampling.decode(out, tokenizer)
-  return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+  done = np.asarray(out.finished).tolist()
+  return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
+          [done[i * k:(i + 1) * k] for i in range(len(prompts))])

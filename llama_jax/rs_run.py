@@ -5,23 +5,24 @@ Llama 2 paper, Sec. 3.2.3 and Figures 7-8. ``python train.py --config=configs/ti
 --config.rejection_sampling.help_rm=<rm>/final ...`` (the pipeline stage sets these for you).
 
 Steps (each resumable: a finished step's file is reused):
-  1. ``<workdir>/sampled.jsonl``: for every prompt K completions (batched, KV cache, temperature
-     ``rejection_sampling.temperature``, from ``init_from`` or ``rejection_sampling.sample_from``),
-     their combined rewards ``Rc`` (:func:`llama_jax.rl.combined_reward` of the two RMs' sigmoid
-     scores, the prompt's ``is_safety`` flag) and the chosen (best) index. Sampling keys derive from
-     ``config.seed`` and the iteration, so the file is reproducible.
-  2. ``<workdir>/pooled.jsonl``: per prompt the best record over this and the earlier iterations'
-     files (``rejection_sampling.pool_from``); ``sft_data.jsonl``: the pooled best samples as SFT
-     dialogs.
-  3. ``<workdir>/figures/``: Fig. 7 (max / median reward over N samples) and Fig. 8 (max reward vs
-     temperature) as JSON + PNG.
-  4. Fine-tuning with the SFT stage (``llama_jax.sft_run``) from ``init_from`` on ``sft_data.jsonl``
+  1. ``<workdir>/figures/``: Fig. 8 (max reward vs temperature on ``plot_prompts`` prompts); with
+     ``rejection_sampling.auto_temperature`` its best temperature is the sampling temperature.
+  2. ``<workdir>/sampled.jsonl``: for every prompt of the stage's stream
+     (``rejection_sampling.prompt_stream``) K completions (batched, KV cache, from ``init_from``
+     or ``rejection_sampling.sample_from``), their rewards ``Rc`` (``rejection_sampling.reward``:
+     the two RMs' combined reward, or the world oracle) and the chosen (best finished) index;
+     truncated samples (no EOS) are never chosen. Keys derive from ``config.seed`` and the
+     iteration, so the file is reproducible. ``sampled_stats.json``: temperature, truncation.
+  3. Fig. 7 (max / median reward over N samples) as JSON + PNG.
+  4. ``<workdir>/pooled.jsonl``: per prompt the best record over this iteration and the earlier
+     iterations' picks (``rejection_sampling.pool_from``), re-scored with this iteration's reward
+     first; ``sft_data.jsonl``: the pooled best samples as SFT dialogs.
+  5. Fine-tuning with the SFT stage (``llama_jax.sft_run``) from ``init_from`` on ``sft_data.jsonl``
      in ``<workdir>/finetune``; its ``final/`` becomes ``<workdir>/final``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -33,92 +34,11 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from llama_jax import build, convert, reward, rl, sft_run, sharding, stage_lib
+from llama_jax import build, convert, prompts as prompts_lib, scoring, sft_run, sharding, stage_lib
 from llama_jax import rejection_sampling as rs_lib
-from llama_jax.data import pipeline, sources, world
+from llama_jax.data import pipeline, sources
 
 log = logging.getLogger(__name__)
-PROMPT_SOURCES = ("hh_rlhf", "self_instruct", "jsonl")
-
-
-# ---- shared helpers (also used by ppo_run and policy_eval) ----------------------------------------
-def load_prompts(config, workdir: str, split: str, n: int) -> List[dict]:
-  """Prompt records ``{"prompt": messages, "is_safety": bool}`` of ``split`` ("train" |
-  "held_out"): the synthetic world's (``n`` i.i.d. prompts) or, for file sources, the prompts of
-  ``config.data.sft_sources`` (HH-RLHF prompts are safety prompts), the first ``n`` (0 = all).
-
-  Raises:
-    ValueError: for an unknown source or when no prompt is found.
-  """
-  if config.tokenizer.path == "world" or config.data.sft_sources == "world":
-    return world.sample_prompts(build.world_config(config), split, n)
-  out = []
-  for name in build.parse_list(config.data.sft_sources, "config.data.sft_sources"):
-    if name not in PROMPT_SOURCES:
-      raise ValueError(f"config.data.sft_sources: no prompts for source {name!r}")
-    b = build.source_builder(name, "prompt", config, workdir, is_safety=name == "hh_rlhf")
-    out += [pipeline.decode_record(x) for x in b.as_data_source(split=split)]
-  if not out:
-    raise ValueError(f"no {split} prompts in config.data.sft_sources={config.data.sft_sources!r}")
-  if n:
-    rng = np.random.default_rng([config.data.split_seed, len(out)])
-    out = [out[i] for i in sorted(rng.permutation(len(out))[:n])]
-  return out
-
-
-def load_reward_models(help_rm: str, safety_rm: str, field: str):
-  """(reward cfg, help params, safety params or None) from reward-model directories.
-
-  Raises:
-    ValueError: if ``help_rm`` is empty or the two models' configs differ (naming ``field``).
-    FileNotFoundError: if a directory is not a reward model.
-  """
-  if not help_rm:
-    raise ValueError(f"{field}.help_rm is empty: give a reward model directory (<rm>/final)")
-  rcfg, help_params = reward.load_reward_model(help_rm)
-  safe_params = None
-  if safety_rm:
-    scfg, safe_params = reward.load_reward_model(safety_rm)
-    if scfg.to_params_json() != rcfg.to_params_json():
-      raise ValueError(f"{field}: help_rm and safety_rm have different model shapes")
-  return rcfg, help_params, safe_params
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _score(params, tokens, mask, *, cfg):
-  return reward.score(params, cfg, tokens, mask, probability=True)
-
-
-def score_dialogs(rcfg, help_params, safe_params, tokenizer, prompts: Sequence[Sequence[Mapping]],
-                  completions: Sequence[str], is_safety: Sequence[bool], *,
-                  threshold: float = 0.15, batch_size: int = 64) -> dict:
-  """Reward-model scores of (prompt, completion) dialogs, as the RMs were trained: prompt +
-  assistant answer + EOS, each row scored alone at its last token.
-
-  Returns:
-    dict of [n] float64 arrays: ``r_help``, ``r_safe`` (= r_help without a safety RM) sigmoid
-    scores and ``rc``, the combined reward (Llama 2 Sec. 3.2.3).
-  """
-  rows = [tokenizer.encode_dialog(list(p) + [{"role": "assistant", "content": c}])[0]
-          for p, c in zip(prompts, completions)]
-  r_help, r_safe = [], []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    t = -(-max(len(r) for r in chunk) // 16) * 16
-    tokens = np.full((batch_size, t), tokenizer.pad_id, np.int32)
-    mask = np.zeros((batch_size, t), bool)
-    for i, r in enumerate(chunk):
-      tokens[i, :len(r)], mask[i, :len(r)] = r, True
-    mask[len(chunk):, 0] = True  # filler rows: one token, discarded
-    r_help.append(np.asarray(_score(help_params, tokens, mask, cfg=rcfg))[:len(chunk)])
-    if safe_params is not None:
-      r_safe.append(np.asarray(_score(safe_params, tokens, mask, cfg=rcfg))[:len(chunk)])
-  h = np.concatenate(r_help).astype(np.float64)
-  s = np.concatenate(r_safe).astype(np.float64) if safe_params is not None else h
-  rc = np.asarray(rl.combined_reward(h, s, np.asarray(is_safety, bool), threshold), np.float64)
-  if safe_params is None:
-    rc = h
-  return {"r_help": h, "r_safe": s, "rc": rc}
 
 
 def copy_config(config) -> ml_collections.ConfigDict:
@@ -144,53 +64,65 @@ def _validate(config):
 
 
 def sample_texts(config, policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
-                 key: jax.Array) -> List[List[str]]:
-  """K samples per prompt record (``{"prompt": dialog, ...}``): [n][k] texts, generated in
-  batches of ``config.rejection_sampling.batch_size`` prompts (batch at offset i with key
-  ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``. policy: ``(cfg, params)``."""
+                 key: jax.Array) -> tuple[List[List[str]], List[List[bool]]]:
+  """K samples per prompt record (``{"prompt": dialog, ...}``): ([n][k] texts, [n][k] finished),
+  generated in batches of ``config.rejection_sampling.batch_size`` prompts (batch at offset i
+  with key ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``. policy:
+  ``(cfg, params)``. ``finished`` False marks a sample truncated at the token budget."""
   rc = config.rejection_sampling
   cfg, params = policy
   texts: List[List[str]] = []
+  finished: List[List[bool]] = []
   for start in range(0, len(prompts), rc.batch_size):
     chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
-    texts += rs_lib.sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
-                             temperature, rc.max_new_tokens, top_p=rc.top_p)
-  return texts
+    t, f = rs_lib.sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
+                           temperature, rc.max_new_tokens, top_p=rc.top_p)
+    texts += t
+    finished += f
+  return texts, finished
 
 
-def sample_and_score(config, policy, tokenizer, rms, prompts: List[dict], *, k: int,
+def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, k: int,
                      temperature: float, key: jax.Array):
-  """K samples per prompt and their combined rewards: ([n][k] texts, [n, k] scores)."""
-  rc = config.rejection_sampling
-  texts = sample_texts(config, policy, tokenizer, prompts, k=k, temperature=temperature, key=key)
+  """K samples per prompt and their rewards: ([n][k] texts, [n, k] bool finished, [n, k] float
+  scores ``Rc`` of ``scorer`` (``scoring.Scorer``); truncated samples are scored too, but
+  callers never pick them. An empty sample (EOS first) counts as not finished: it is no answer
+  to fine-tune on."""
+  texts, finished = sample_texts(config, policy, tokenizer, prompts, k=k, temperature=temperature,
+                                 key=key)
+  finished = [[f and bool(t.strip()) for t, f in zip(row, done)]
+              for row, done in zip(texts, finished)]
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
   flat_safety = [bool(p.get("is_safety", False)) for p in prompts for _ in range(k)]
-  scores = score_dialogs(*rms, tokenizer, flat_prompts, [t for row in texts for t in row],
-                         flat_safety, threshold=rc.safety_threshold)["rc"]
-  return texts, scores.reshape(len(prompts), k)
+  scores = scorer(flat_prompts, [t for row in texts for t in row], flat_safety)["rc"]
+  return texts, np.asarray(finished, bool), scores.reshape(len(prompts), k)
 
 
-def _figures(config, workdir, policy, tokenizer, rms, prompts, scores, key) -> dict:
+def curve_scores(scores, finished) -> np.ndarray:
+  """Scores for Figures 7/8: a truncated sample counts as the worst reward (0; ``Rc`` is a
+  probability), never as a complete answer."""
+  return np.where(np.asarray(finished, bool), np.asarray(scores, np.float64), 0.0)
+
+
+def temperature_curve(config, policy, tokenizer, scorer, prompts, key) -> Optional[dict]:
+  """Fig. 8 on ``rejection_sampling.plot_prompts`` prompts: max reward among ``plot_k`` samples
+  per temperature of ``plot_temperatures`` (``reward_vs_temperature``), or None if disabled."""
   rc = config.rejection_sampling
-  fig_dir = os.path.join(workdir, "figures")
-  os.makedirs(fig_dir, exist_ok=True)
-  label = f"RLHF-V{rc.iteration}"
-  out = {"reward_vs_n": {label: rs_lib.reward_vs_n(scores, estimator="subsets")}}
-  rs_lib.plot_reward_vs_n(out["reward_vs_n"], os.path.join(fig_dir, "reward_vs_n.png"))
-  temps = build.parse_list(rc.plot_temperatures, "config.rejection_sampling.plot_temperatures", float)
-  if rc.plot_prompts > 0 and temps:
-    sub = prompts[:rc.plot_prompts]
-    by_t = {}
-    for i, t in enumerate(temps):
-      _, s = sample_and_score(config, policy, tokenizer, rms, sub, k=rc.plot_k, temperature=t,
-                              key=jax.random.fold_in(key, 1000 + i))
-      by_t[t] = s
-    out["reward_vs_temperature"] = {label: rs_lib.reward_vs_temperature(by_t, estimator="subsets")}
-    rs_lib.plot_reward_vs_temperature(out["reward_vs_temperature"],
-                                      os.path.join(fig_dir, "reward_vs_temperature.png"))
-  with open(os.path.join(fig_dir, "figures.json"), "w") as f:
-    json.dump(out, f, indent=2)
-  return out
+  temps = build.parse_list(rc.plot_temperatures, "config.rejection_sampling.plot_temperatures",
+                           float)
+  if rc.plot_prompts <= 0 or not temps:
+    return None
+  sub, by_t = prompts[:rc.plot_prompts], {}
+  for i, t in enumerate(temps):
+    _, done, s = sample_and_score(config, policy, tokenizer, scorer, sub, k=rc.plot_k,
+                                  temperature=t, key=jax.random.fold_in(key, 1000 + i))
+    by_t[t] = curve_scores(s, done)
+  return rs_lib.reward_vs_temperature(by_t, estimator="subsets")
+
+
+def best_temperature(curve: dict) -> float:
+  """The temperature of the highest max-reward point of a Fig. 8 curve (ties: the lowest T)."""
+  return float(curve["temperature"][int(np.argmax(curve["max"]))])
 
 
 def _split_for(records: list, fraction: float, seed: int):
@@ -231,12 +163,37 @@ def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
   return sub
 
 
+def _read_json(path: str) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def _write_figures(fig_dir: str, figures: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(fig_dir, exist_ok=True)
+  if "reward_vs_n" in figures:
+    rs_lib.plot_reward_vs_n(figures["reward_vs_n"], os.path.join(fig_dir, "reward_vs_n.png"))
+  if "reward_vs_temperature" in figures:
+    rs_lib.plot_reward_vs_temperature(figures["reward_vs_temperature"],
+                                      os.path.join(fig_dir, "reward_vs_temperature.png"))
+  build.write_json(os.path.join(fig_dir, "figures.json"), figures)
+
+
 def run(config, workdir: str) -> dict:
   """Run one rejection-sampling iteration in ``workdir`` (resuming its finished steps).
 
+  Order: Fig. 8 (max reward vs temperature on ``plot_prompts``) first, so that with
+  ``rejection_sampling.auto_temperature`` the main sampling uses its best temperature (the paper
+  re-tunes T per iteration: the optimum drifts to 1.2-1.3 after RLHF); then K samples per prompt
+  at that temperature, Fig. 7, the pool (earlier picks re-scored with the current reward), and
+  the fine-tune.
+
   Returns:
-    dict with ``final_dir`` (when finished), ``finished``, sampled-set statistics (mean / max /
-    median reward, pooled size) and the fine-tuning result.
+    dict with ``final_dir`` (when finished), ``finished``, sampled-set statistics (temperature,
+    mean / median / best reward, truncated share, pooled size) and the fine-tuning result.
   Raises:
     ValueError / FileNotFoundError: on bad config fields or missing checkpoints, before sampling.
   """
@@ -249,8 +206,9 @@ def run(config, workdir: str) -> dict:
     sample_from = rc.sample_from or config.init_from
     scfg, sparams = convert.load_orbax(sample_from) if rc.sample_from else (pcfg, pparams)
     tokenizer.check_vocab(scfg)
-    rms = load_reward_models(rc.help_rm, rc.safety_rm, "config.rejection_sampling")
-    prompts = load_prompts(config, workdir, "train", rc.num_prompts)
+    scorer = scoring.make_scorer(config, "rejection_sampling", tokenizer)
+    prompts = prompts_lib.load_prompts(config, workdir, "train", rc.num_prompts,
+                                       stream=int(rc.get("prompt_stream", -1)))
     prompts = [p for p in prompts
                if pipeline.prompt_example(p, tokenizer, rc.max_prompt_len) is not None]
     if not prompts:
@@ -260,33 +218,72 @@ def run(config, workdir: str) -> dict:
   build.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   del pparams
   key = jax.random.fold_in(jax.random.key(config.seed), rc.iteration)
-  sampled_path = os.path.join(workdir, "sampled.jsonl")
+  label = f"RLHF-V{rc.iteration}"
+  fig_dir = os.path.join(workdir, "figures")
+  figures = _read_json(os.path.join(fig_dir, "figures.json"))
   policy = None
-  if os.path.exists(sampled_path):
-    records = rs_lib.read_jsonl(sampled_path)
-    log.info("rejection sampling: reusing %s (%d prompts)", sampled_path, len(records))
-  else:
-    gen_params = sharding.to_generation_layout(sparams, scfg, mesh)
-    policy = (scfg, gen_params)
-    texts, scores = sample_and_score(config, policy, tokenizer, rms, prompts, k=rc.k,
-                                     temperature=rc.temperature, key=key)
-    records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
-                                  iteration=rc.iteration, temperature=rc.temperature)
-    if jax.process_index() == 0:
-      rs_lib.write_jsonl(sampled_path, records)
-  scores = np.asarray([r["scores"] for r in records])
-  fig_json = os.path.join(workdir, "figures", "figures.json")
-  if not os.path.exists(fig_json):
+
+  def get_policy():
+    nonlocal policy
     if policy is None:
       policy = (scfg, sharding.to_generation_layout(sparams, scfg, mesh))
-    figures = _figures(config, workdir, policy, tokenizer, rms, prompts, scores, key)
+    return policy
+
+  if "reward_vs_temperature" not in figures and rc.plot_prompts > 0:
+    curve = temperature_curve(config, get_policy(), tokenizer, scorer, prompts, key)
+    if curve is not None:
+      figures["reward_vs_temperature"] = {label: curve}
+      _write_figures(fig_dir, figures)
+  curve = figures.get("reward_vs_temperature", {}).get(label)
+  temperature = float(rc.temperature)
+  if rc.get("auto_temperature", False):
+    if curve is None:
+      raise ValueError("config.rejection_sampling.auto_temperature needs the Fig. 8 curve: set "
+                       "plot_prompts > 0 and plot_temperatures")
+    temperature = best_temperature(curve)
+    log.info("rejection sampling V%d: temperature %.2f (best of %s)", rc.iteration, temperature,
+             curve["temperature"])
+  sampled_path = os.path.join(workdir, "sampled.jsonl")
+  stats_path = os.path.join(workdir, "sampled_stats.json")
+  if os.path.exists(sampled_path) and os.path.exists(stats_path):
+    records = rs_lib.read_jsonl(sampled_path)
+    sample_stats = _read_json(stats_path)
+    log.info("rejection sampling: reusing %s (%d prompts)", sampled_path, len(records))
   else:
-    with open(fig_json) as f:
-      figures = json.load(f)
-  del policy, sparams
+    texts, finished, scores = sample_and_score(config, get_policy(), tokenizer, scorer, prompts,
+                                               k=rc.k, temperature=temperature, key=key)
+    records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
+                                  iteration=rc.iteration, temperature=temperature,
+                                  finished=finished,
+                                  is_safety=[bool(p.get("is_safety", False)) for p in prompts])
+    curve_s = curve_scores(scores, finished)
+    best = curve_s.max(axis=1)
+    sample_stats = {
+        "prompts": len(prompts), "k": int(rc.k), "temperature": temperature,
+        "truncated": float(1.0 - finished.mean()),  # no EOS within the budget, or empty
+        "empty": float(np.mean([not t.strip() for row in texts for t in row])),
+        "prompts_without_finished_sample": int((~finished.any(axis=1)).sum()),
+        "reward_mean": float(curve_s.mean()),
+        "reward_median": float(np.median(curve_s, axis=1).mean()),
+        "reward_best": float(best.mean())}
+    figures["reward_vs_n"] = {label: rs_lib.reward_vs_n(curve_s, estimator="subsets")}
+    _write_figures(fig_dir, figures)
+    if jax.process_index() == 0:
+      rs_lib.write_jsonl(sampled_path, records)
+      build.write_json(stats_path, sample_stats)
+  policy = None
+  del sparams
   previous = [r for p in build.parse_list(rc.pool_from, "config.rejection_sampling.pool_from")
               for r in rs_lib.read_jsonl(p)]
-  pooled = rs_lib.pool(rs_lib.pool_from_records(previous), records)
+  # Earlier picks are re-scored with this iteration's reward before pooling (Sec. 3.2.3).
+  rescored = rs_lib.rescore(previous, lambda rs: scorer([r["prompt"] for r in rs],
+                                                        [r["samples"][r["chosen"]] for r in rs],
+                                                        [r["is_safety"] for r in rs])["rc"])
+  pooled = rs_lib.pool(rs_lib.pool_from_records(rescored), records)
+  if not pooled:
+    raise ValueError(f"rejection_sampling: none of the {len(prompts)} prompts has a sample that "
+                     "ended with EOS within config.rejection_sampling.max_new_tokens="
+                     f"{rc.max_new_tokens} (truncated samples are never chosen); raise it")
   sft_jsonl = os.path.join(workdir, "sft_data.jsonl")
   sft_records = rs_lib.to_sft_records(pooled)
   if jax.process_index() == 0:
@@ -294,10 +291,7 @@ def run(config, workdir: str) -> dict:
     sources.write_jsonl(sft_jsonl, sft_records)
   if jax.process_count() > 1:  # the fine-tune reads sft_data.jsonl on every process
     multihost_utils.sync_global_devices("rejection sampling: sft_data written")
-  best = np.asarray([rs_lib.best_score(r) for r in records])
-  stats = {"prompts": len(records), "k": int(scores.shape[1]), "reward_mean": float(scores.mean()),
-           "reward_median": float(np.median(scores, axis=1).mean()),
-           "reward_best": float(best.mean()), "pooled": len(pooled),
+  stats = {**sample_stats, "pooled": len(pooled), "rescored_from_earlier": len(rescored),
            "pooled_reward_best": float(np.mean([rs_lib.best_score(r) for r in pooled.values()])),
            "from_earlier_iterations": int(sum(r["iteration"] != rc.iteration
                                               for r in pooled.values()))}

@@ -64,13 +64,16 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
 
   def fake_sample_k(params, cfg, tokenizer, prompts, k, key, temperature, max_new_tokens, **kw):
     seen.update(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
-    return [[world.demonstration(p[-1]["content"]), "I like turtles.",
-             world.demonstration(p[-1]["content"])] for p in prompts]
+    texts = [[world.demonstration(p[-1]["content"]), "I like turtles.",
+              world.demonstration(p[-1]["content"]), "The answer is"] for p in prompts]
+    # The 4th sample is truncated (no EOS): never annotated, though it would differ in quality.
+    return texts, [[True, True, True, False] for _ in prompts]
 
   monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k", fake_sample_k)
   work = _workdir(models, tmp_path)
   res = stages.run(make_config(models), str(work))
   assert seen == {"k": 3, "temperature": 0.7, "max_new_tokens": 8}
+  assert res["truncated"] == pytest.approx(0.25)
   pairs = [json.loads(x) for x in (work / "final" / annotation.PREFERENCES).read_text()
            .splitlines()]
   # One pair per prompt (the duplicate demonstration is dropped): gold against a non-answer.
@@ -81,15 +84,17 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
     assert r["rejected"] == "I like turtles." and r["rating"] == "significantly_better"
     harmful = world.oracle(r["prompt"], r["chosen"]).harmful
     assert r["safety_label"] == ("chosen_safe_rejected_unsafe" if harmful else None)
-  assert res["sample_helpfulness"] == pytest.approx(2 / 3)
-  assert res["sample_refusal_rate"] == pytest.approx(2 / 3)
+  assert all("The answer is" != r["chosen"] and "The answer is" != r["rejected"] for r in pairs)
+  assert res["sample_helpfulness"] == pytest.approx(2 / 4)  # the truncated sample: not correct
+  assert res["sample_refusal_rate"] == pytest.approx(2 / 4)
   assert json.loads((work / "result.json").read_text())["pairs"]["total"] == 10
 
 
 def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch):
   monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k",
-                      lambda params, cfg, tok, prompts, *a, **k: [
-                          ["The answer is 1000.", "I like turtles."] for _ in prompts])
+                      lambda params, cfg, tok, prompts, *a, **k: (
+                          [["The answer is 1000.", "I like turtles."] for _ in prompts],
+                          [[True, True] for _ in prompts]))
   earlier = tmp_path / "earlier.jsonl"
   old = [{"prompt": "What is 1 plus 1?", "chosen": "The answer is 2.", "rejected": "Blue.",
           "rating": "better", "safety_label": None}]

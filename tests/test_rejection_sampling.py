@@ -32,6 +32,19 @@ def test_select_best_ties_lowest_index():
         best = j
     want.append(best)
   assert rs.select_best(scores).tolist() == want == [1, 0, 2, 0]
+  # Truncated samples (finished False) are never chosen; no finished sample -> -1.
+  finished = np.array([[True, False, True], [False, True, True], [False, False, False],
+                       [False, False, True]])
+  want = []
+  for row, done in zip(scores, finished):
+    best = -1
+    for j in range(len(row)):
+      if done[j] and (best < 0 or row[j] > row[best]):
+        best = j
+    want.append(best)
+  assert rs.select_best(scores, finished).tolist() == want == [2, 1, -1, 2]
+  with pytest.raises(ValueError, match="finished"):
+    rs.select_best(scores, finished[:2])
   with pytest.raises(ValueError, match="NaN"):
     rs.select_best([[0.0, float("nan")]])
   with pytest.raises(ValueError, match="n_prompts, K"):
@@ -83,6 +96,48 @@ def test_jsonl_roundtrip_and_validation(tmp_path):
     rs.write_jsonl(tmp_path / "x.jsonl", [dict(records[0], scores=[0.1])])
   with pytest.raises(ValueError, match="must match"):
     rs.make_records([P1], [["a"], ["b"]], [[0.0], [1.0]], iteration=1, temperature=1.0)
+
+
+def test_make_records_skips_truncated_samples_and_prompts():
+  records = rs.make_records([P1, P2], [["a", "b"], ["c", "d"]], [[0.9, 0.1], [0.5, 0.7]],
+                            iteration=1, temperature=1.0,
+                            finished=[[False, True], [False, False]], is_safety=[True, False])
+  assert len(records) == 1  # P2 has no finished sample
+  assert records[0]["chosen"] == 1 and records[0]["finished"] == [False, True]
+  assert records[0]["is_safety"] is True
+  with pytest.raises(ValueError, match="truncated"):
+    rs.validate_record(dict(records[0], chosen=0))
+  with pytest.raises(ValueError, match="empty sample"):
+    rs.validate_record(dict(records[0], samples=["a", " "]))
+
+
+def test_pool_rescores_earlier_picks_with_the_current_reward():
+  # Iteration 1 picked "old-best" under an RM that scored it 0.95; the retrained RM scores it 0.2.
+  it1 = rs.make_records([P1, P2], [["old-best", "old-other"], ["keep", "x"]],
+                        [[0.95, 0.1], [0.3, 0.2]], iteration=1, temperature=1.0,
+                        is_safety=[False, True])
+  it2 = rs.make_records([P1], [["new-a", "new-b"]], [[0.4, 0.6]], iteration=2, temperature=1.0)
+  current = {"old-best": 0.2, "keep": 0.8}
+  seen = []
+
+  def score_fn(records):
+    seen.extend((r["samples"][r["chosen"]], r["is_safety"]) for r in records)
+    return [current[r["samples"][r["chosen"]]] for r in records]
+
+  rescored = rs.rescore(it1, score_fn)
+  assert seen == [("old-best", False), ("keep", True)]
+  assert [(r["samples"], r["scores"], r["chosen"], r["iteration"]) for r in rescored] == [
+      (["old-best"], [0.2], 0, 1), (["keep"], [0.8], 0, 1)]
+  pooled = rs.pool(rs.pool_from_records(rescored), it2)
+  best = {json.loads(k)[-1]["content"]: r["samples"][r["chosen"]] for k, r in pooled.items()}
+  # Without re-scoring the stale 0.95 would have kept "old-best" over this iteration's 0.6.
+  assert best == {"Hi": "new-b", "2+2?": "keep"}
+  stale = rs.pool(rs.pool_from_records(it1), it2)
+  assert {json.loads(k)[-1]["content"]: r["samples"][r["chosen"]]
+          for k, r in stale.items()}["Hi"] == "old-best"
+  assert rs.rescore([], score_fn) == []
+  with pytest.raises(ValueError, match="shape"):
+    rs.rescore(it1, lambda records: [0.1])
 
 
 def test_to_sft_records():
@@ -148,14 +203,15 @@ def test_sample_k_reproducible_and_row_order(llama2_tokenizer_path):
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 20, params)
   prompts = [P1, P2]
-  a = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
-  b = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
-  c = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(2), 1.0, 6)
+  a, done = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
+  b, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
+  c, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(2), 1.0, 6)
   assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
+  assert [len(x) for x in done] == [3, 3] and all(isinstance(f, bool) for x in done for f in x)
   assert a != c
   assert len(set(a[0] + a[1])) > 1  # sampling, not one repeated string
   # Near-zero temperature: every sample of prompt i is prompt i's own greedy completion.
-  cold = rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 1e-4, 6)
+  cold, cold_done = rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 1e-4, 6)
   for i, p in enumerate(prompts):
     ids = tok.encode_dialog(p)[0].tolist()
     g = generate(params, cfg, [ids], jax.random.key(0), max_new_tokens=6, temperature=0.0,
@@ -163,5 +219,6 @@ def test_sample_k_reproducible_and_row_order(llama2_tokenizer_path):
     n = int(g.lengths[0]) - int(g.finished[0])
     greedy = tok.decode(np.asarray(g.tokens[0, :n]).tolist()).strip()
     assert cold[i] == [greedy, greedy]
+    assert cold_done[i] == [bool(g.finished[0])] * 2
   with pytest.raises(ValueError, match="temperature"):
     rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 0.0, 6)

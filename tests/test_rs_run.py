@@ -23,11 +23,16 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  """A world tokenizer, a random policy and two random reward models on disk."""
+  """A world tokenizer, a random policy that ends about half of its 8-token samples with EOS, and
+  two random reward models on disk."""
   root = tmp_path_factory.mktemp("rs_models")
   world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
                                   vocab_size=VOCAB)
-  convert.save_orbax(root / "policy", CFG, init_params(CFG, jax.random.key(0)))
+  params = jax.tree.map(np.array, init_params(CFG, jax.random.key(0)))  # writable copies
+  params["tok_embeddings"][:, 0] = 10.0  # a large, positive residual dim 0 ...
+  params["output"][0, :] = 0.0
+  params["output"][0, 2] = 0.75  # ... that lifts the EOS logit: some samples end, some do not
+  convert.save_orbax(root / "policy", CFG, params)
   for i, name in enumerate(("help", "safe")):
     rm = reward.init_reward_params(init_params(CFG, jax.random.key(10 + i)), jax.random.key(20 + i))
     reward.save_reward_model(str(root / name), CFG, rm)
@@ -48,6 +53,7 @@ def make_config(models, **rs):
   r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 3, 8, 48, 4
   r.num_steps, r.lr = 1, 1e-3
   r.plot_prompts, r.plot_k, r.plot_temperatures = 2, 2, "0.7,1.3"
+  r.auto_temperature = False
   for k, v in rs.items():
     r[k] = v
   return c
@@ -67,15 +73,23 @@ def _records(path):
 
 def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
   a, b = _workdir(models, tmp_path, "a"), _workdir(models, tmp_path, "b")
-  res = rs_run.run(make_config(models), str(a))
-  rs_run.run(make_config(models), str(b))
+  res = rs_run.run(make_config(models, auto_temperature=True), str(a))
+  rs_run.run(make_config(models, auto_temperature=True), str(b))
   assert (a / "sampled.jsonl").read_bytes() == (b / "sampled.jsonl").read_bytes()
   records = _records(a / "sampled.jsonl")
-  assert len(records) == res["sampled"]["prompts"] >= 2
+  st = res["sampled"]
+  assert len(records) == st["prompts"] - st["prompts_without_finished_sample"] >= 2
+  # Truncated samples (no EOS in 8 tokens) exist and are never chosen.
+  finished = [f for r in records for f in r["finished"]]
+  assert 0 < st["truncated"] < 1 and not all(finished)
   for r in records:
     assert len(r["samples"]) == len(r["scores"]) == 3 and r["iteration"] == 1
-    assert r["chosen"] == int(np.argmax(r["scores"]))
+    done = np.asarray(r["finished"])
+    assert done[r["chosen"]] and r["chosen"] == int(np.argmax(np.where(done, r["scores"], -1)))
+    assert r["samples"][r["chosen"]].strip()  # an empty sample (EOS first) is never chosen
+    assert all(d <= bool(t.strip()) for t, d in zip(r["samples"], done))
     assert all(0 < s < 1 for s in r["scores"])  # combined reward: a sigmoid probability
+    assert r["temperature"] == st["temperature"]
   # Scores are the combined reward recomputed independently from the two RMs' sigmoid scores.
   rcfg, help_p = reward.load_reward_model(str(models / "help"))
   _, safe_p = reward.load_reward_model(str(models / "safe"))
@@ -92,9 +106,13 @@ def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
   fig = json.loads((a / "figures" / "figures.json").read_text())
   curve = fig["reward_vs_n"]["RLHF-V1"]
   assert curve["n"] == [1, 2, 3]
-  scores = np.asarray([x["scores"] for x in records])
-  assert curve["max"][-1] == pytest.approx(scores.max(1).mean())
-  assert fig["reward_vs_temperature"]["RLHF-V1"]["temperature"] == [0.7, 1.3]
+  # Truncated samples count as reward 0 in the curves; prompts without a record had only those.
+  best = np.asarray([np.where(x["finished"], x["scores"], 0.0).max() for x in records])
+  assert curve["max"][-1] == pytest.approx(best.sum() / st["prompts"])
+  # auto_temperature: the sampling T is the best point of this iteration's Fig. 8 curve.
+  by_t = fig["reward_vs_temperature"]["RLHF-V1"]
+  assert by_t["temperature"] == [0.7, 1.3]
+  assert st["temperature"] == by_t["temperature"][int(np.argmax(by_t["max"]))]
   for png in ("reward_vs_n.png", "reward_vs_temperature.png"):
     assert (a / "figures" / png).stat().st_size > 1000
   # Fine-tuned on the pooled best samples, exported as final/.
@@ -112,6 +130,7 @@ def test_pooling_keeps_the_best_sample_of_every_iteration(models, tmp_path):
                                pool_from=str(first / "sampled.jsonl"), plot_prompts=0),
                    str(second))
   best = {}
+  # The same RMs in both iterations: re-scored picks of V1 keep their scores (up to batching).
   for path in (first / "sampled.jsonl", second / "sampled.jsonl"):
     for r in _records(path):
       key = json.dumps(r["prompt"], sort_keys=True)
@@ -124,6 +143,7 @@ def test_pooling_keeps_the_best_sample_of_every_iteration(models, tmp_path):
     s, text, it = best[json.dumps(r["prompt"], sort_keys=True)]
     assert r["samples"][r["chosen"]] == text and r["iteration"] == it
   assert res["sampled"]["from_earlier_iterations"] == sum(v[2] == 1 for v in best.values())
+  assert res["sampled"]["rescored_from_earlier"] == len(_records(first / "sampled.jsonl"))
   assert not (second / "figures" / "reward_vs_temperature.png").exists()
 
 
@@ -136,4 +156,6 @@ def test_validation(models, tmp_path):
     rs_run.run(make_config(models, temperature=0.0), str(tmp_path / "y"))
   with pytest.raises(FileNotFoundError, match="pool_from"):
     rs_run.run(make_config(models, pool_from=str(tmp_path / "nope.jsonl")), str(tmp_path / "z"))
+  with pytest.raises(ValueError, match="config.rejection_sampling.reward"):
+    rs_run.run(make_config(models, reward="gold"), str(tmp_path / "w"))
   assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
