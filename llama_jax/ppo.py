@@ -175,31 +175,60 @@ def response_values(value_params, tokens: jax.Array, positions: jax.Array,
   return _response_slice(scores, m)
 
 
-def make_experience(policy_params, ref_params, value_params, help_params, safe_params,
-                    batch: Batch, gen: GenerateOutput, *, cfg: LlamaConfig, ppo_cfg: PPOConfig,
-                    reward_cfg: Optional[LlamaConfig] = None,
+def rollout_rewards(help_params, safe_params, batch: Batch, gen: GenerateOutput, *,
+                    reward_cfg: LlamaConfig, ppo_cfg: PPOConfig
+                    ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Llama 2's combined reward ``Rc`` of a rollout from the two reward models (pure; jit it).
+
+  Each RM reads its sigmoid score at the row's last real token (the EOS, or the last generated
+  token of a truncated row); ``Rc = Rs if IS_SAFETY(p) or Rs < threshold else Rh``
+  (:func:`llama_jax.rl.combined_reward`; ``Rh`` alone without a safety RM).
+
+  Args:
+    help_params: helpfulness RM. safe_params: safety RM, or None.
+    batch: rollout batch dict (module docstring). gen: ``sampling.sample`` output for it.
+    reward_cfg: the reward models' config. ppo_cfg: :class:`PPOConfig` (``safety_threshold``).
+  Returns:
+    (rc [b] float32 in (0, 1), stats of [b] float32: ``r_help``, ``safety_used`` and, with a
+    safety RM, ``r_safe``).
+  """
+  ro = rollout_tensors(batch["prompt_tokens"], batch["prompt_mask"], gen)
+  r_help = reward.score(help_params, reward_cfg, ro["tokens"], ro["mask"], probability=True)
+  stats = {"r_help": r_help, "safety_used": jnp.zeros(r_help.shape, jnp.float32)}
+  if safe_params is None:
+    return r_help, stats
+  r_safe = reward.score(safe_params, reward_cfg, ro["tokens"], ro["mask"], probability=True)
+  is_safety = jnp.asarray(batch.get("is_safety", jnp.zeros(r_help.shape, bool)), bool)
+  stats["r_safe"] = r_safe
+  stats["safety_used"] = (is_safety | (r_safe < ppo_cfg.safety_threshold)).astype(jnp.float32)
+  return rl.combined_reward(r_help, r_safe, is_safety, ppo_cfg.safety_threshold), stats
+
+
+def make_experience(policy_params, ref_params, value_params, batch: Batch, gen: GenerateOutput,
+                    rc: jax.Array, *, cfg: LlamaConfig, ppo_cfg: PPOConfig,
                     value_cfg: Optional[LlamaConfig] = None) -> Tuple[Batch, Dict[str, jax.Array]]:
-  """Score a rollout and compute everything PPO trains on (pure; jit it).
+  """Everything PPO trains on, from a rollout and its rewards (pure; jit it).
 
   Old log-probs are recomputed teacher-forced (equal to the sampler's up to float error). The
-  scalar reward is ``R~c = whiten(logit(Rc))`` over the batch, ``Rc`` from the two reward models'
-  sigmoid scores at the last real token (:func:`llama_jax.rl.combined_reward`); the EOS trick then
-  replaces it on rows without EOS; ``-beta * KL`` is added per token; advantages come from GAE.
+  scalar reward is ``R~c = whiten(logit(Rc))`` (Llama 2 Sec. 3.2.3), whitened over the rows that
+  ended with EOS when the EOS trick is on; rows without EOS then get ``eos_penalty`` instead
+  (Huang et al. 2024), so truncated answers neither get an RM score nor shift the statistics of
+  the finished ones. ``-beta * KL`` is added per token; advantages come from GAE.
 
   Args:
     policy_params: pi_theta at rollout time. ref_params: pi_0 (frozen).
     value_params: value model (reward params layout).
-    help_params: helpfulness RM. safe_params: safety RM, or None to use ``Rc = Rh`` only.
     batch: rollout batch dict (see module docstring). gen: ``sampling.sample`` output for it.
+    rc: [b] float combined reward in (0, 1): :func:`rollout_rewards`, or a gold reward
+      (``llama_jax.scoring``).
     cfg: policy / reference config. ppo_cfg: :class:`PPOConfig`.
-    reward_cfg, value_cfg: configs of the reward and value models (default ``cfg``).
+    value_cfg: config of the value model (default ``cfg``).
   Returns:
-    (experience dict (module docstring), stats dict of float32 scalars: ``score`` (mean R~c),
-    ``rc``, ``r_help``, ``r_safe`` (absent without a safety RM), ``safety_used`` (share of rows
-    using Rs), ``kl`` (mean over rows of the summed per-token KL), ``non_score_reward`` (mean
-    summed -beta KL), ``kl_coef``, ``response_length``, ``finished`` (share with EOS)).
+    (experience dict (module docstring), stats dict of float32 scalars: ``score`` (mean R~c
+    after the EOS trick), ``rc`` (mean over finished rows), ``kl`` (mean over rows of the summed
+    per-token KL), ``non_score_reward`` (mean summed -beta KL), ``kl_coef``, ``response_length``,
+    ``finished`` (share with EOS)).
   """
-  reward_cfg = reward_cfg or cfg
   value_cfg = value_cfg or cfg
   t = ppo_cfg.temperature
   ro = rollout_tensors(batch["prompt_tokens"], batch["prompt_mask"], gen)
@@ -210,17 +239,9 @@ def make_experience(policy_params, ref_params, value_params, help_params, safe_p
   ref_logp, _ = response_logprobs(ref_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
   values = response_values(value_params, tokens, pos, seg, m, cfg=value_cfg)
 
-  r_help = reward.score(help_params, reward_cfg, tokens, ro["mask"], probability=True)
-  if safe_params is None:
-    r_safe, rc = None, r_help
-    use_safe = jnp.zeros(r_help.shape, bool)
-  else:
-    r_safe = reward.score(safe_params, reward_cfg, tokens, ro["mask"], probability=True)
-    is_safety = batch.get("is_safety", jnp.zeros(r_help.shape, bool))
-    rc = rl.combined_reward(r_help, r_safe, is_safety, ppo_cfg.safety_threshold)
-    use_safe = jnp.asarray(is_safety, bool) | (r_safe < ppo_cfg.safety_threshold)
-  score = rl.apply_eos_trick(rl.normalized_reward(rc), gen.finished, ppo_cfg.eos_penalty)
-
+  finished = jnp.asarray(gen.finished, bool)
+  whiten_mask = finished if ppo_cfg.eos_penalty is not None else None
+  score = rl.apply_eos_trick(rl.normalized_reward(rc, whiten_mask), finished, ppo_cfg.eos_penalty)
   kl = jnp.where(rmask, rl.kl_estimate(old_logp, ref_logp, ppo_cfg.kl_estimator), 0.0)
   rewards, kl_rewards = rl.per_token_rewards(score, kl, rmask, ppo_cfg.beta)
   zero = lambda x: jnp.where(rmask, x, 0.0)
@@ -233,13 +254,27 @@ def make_experience(policy_params, ref_params, value_params, help_params, safe_p
          "old_values": values, "kl": kl, "rewards": rewards, "advantages": adv,
          "returns": returns, "score": score}
   f32 = lambda x: jnp.mean(jnp.asarray(x, jnp.float32))
-  stats = {"score": f32(score), "rc": f32(rc), "r_help": f32(r_help),
-           "safety_used": f32(use_safe), "kl": f32(kl.sum(1)),
-           "non_score_reward": f32(kl_rewards.sum(1)), "kl_coef": jnp.float32(ppo_cfg.beta),
-           "response_length": f32(gen.lengths), "finished": f32(gen.finished)}
-  if r_safe is not None:
-    stats["r_safe"] = f32(r_safe)
+  rc = jnp.asarray(rc, jnp.float32)
+  n_done = jnp.maximum(jnp.sum(finished), 1)
+  stats = {"score": f32(score), "rc": jnp.sum(jnp.where(finished, rc, 0.0)) / n_done,
+           "kl": f32(kl.sum(1)), "non_score_reward": f32(kl_rewards.sum(1)),
+           "kl_coef": jnp.float32(ppo_cfg.beta), "response_length": f32(gen.lengths),
+           "finished": f32(finished)}
   return exp, stats
+
+
+def reset_value_head(value_params):
+  """Value params with the scalar head zeroed (``V = 0`` everywhere at PPO start).
+
+  The value model starts from the reward model (Huang et al. 2024), but its head predicts raw
+  RM logits while PPO's returns are whitened ``R~c`` (zero mean, unit variance) minus the KL
+  penalty: a head on the wrong scale makes the first iterations' advantages noise, and the
+  clipped value loss moves it only ``value_clip`` per step. Zeroing the head keeps the trunk's
+  features and starts the values on the returns' scale.
+  """
+  out = dict(value_params)
+  out["head"] = jax.tree.map(jnp.zeros_like, value_params["head"])
+  return out
 
 
 def ppo_train_step(state: PPOState, minibatch: Batch, rng: Optional[jax.Array] = None, *,

@@ -67,7 +67,15 @@ PCFG = ppo.PPOConfig(beta=0.05, temperature=0.7, eos_penalty=-3.0, minibatch_siz
 
 @functools.lru_cache(maxsize=None)
 def _experience_fn(ppo_cfg):
-  return jax.jit(functools.partial(ppo.make_experience, cfg=CFG, ppo_cfg=ppo_cfg))
+  """Reward-model rewards then the experience, as ppo_run does."""
+  rewards = jax.jit(functools.partial(ppo.rollout_rewards, reward_cfg=CFG, ppo_cfg=ppo_cfg))
+  experience = jax.jit(functools.partial(ppo.make_experience, cfg=CFG, ppo_cfg=ppo_cfg))
+
+  def fn(policy, ref, value, help_rm, safe_rm, batch, gen):
+    rc, rstats = rewards(help_rm, safe_rm, batch, gen)
+    exp, stats = experience(policy, ref, value, batch, gen, rc)
+    return exp, dict(stats, safety_used=jnp.mean(rstats["safety_used"]), rc_rows=rc)
+  return fn
 
 
 OPT = optax.adam(3e-3)
@@ -128,11 +136,15 @@ def test_rewards_placement_and_eos_trick(models):
   for i in range(B):
     rh, rsafe = r_help[i], r_safe[i]
     rc.append(rsafe if (bool(batch["is_safety"][i]) or rsafe < 0.15) else rh)
-  lg = [math.log(p / (1 - p)) for p in rc]
-  mean = sum(lg) / B
-  std = math.sqrt(sum((x - mean) ** 2 for x in lg) / B + 1e-8)
-  want_score = [(x - mean) / std for x in lg]
   finished = np.asarray(gen.finished)
+  np.testing.assert_allclose(np.asarray(stats["rc_rows"]), rc, atol=2e-4)
+  # EOS-aware whitening: logit(Rc) is whitened over the rows that ended with EOS only; the
+  # truncated rows get the penalty and do not enter the statistics.
+  lg = [math.log(p / (1 - p)) for p in rc]
+  done = [lg[i] for i in range(B) if finished[i]]
+  mean = sum(done) / len(done)
+  std = math.sqrt(sum((x - mean) ** 2 for x in done) / len(done) + 1e-8)
+  want_score = [(x - mean) / std for x in lg]
   for i in range(B):
     last = lengths[i] - 1
     for j in range(M):
@@ -208,3 +220,18 @@ def test_minibatch_and_config_validation():
     ppo.PPOConfig(clip_eps=1.5)
   with pytest.raises(ValueError, match="temperature"):
     ppo.PPOConfig(temperature=0.0)
+
+
+def test_reset_value_head_starts_values_at_zero_and_keeps_the_trunk(models):
+  _, _, value, _, _ = models
+  zeroed = ppo.reset_value_head(value)
+  assert float(jnp.abs(zeroed["head"]["weight"]).sum()) == 0.0
+  assert float(zeroed["head"]["bias"]) == 0.0
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                   {k: v for k, v in zeroed.items() if k != "head"},
+                                   {k: v for k, v in value.items() if k != "head"}))
+  batch = _prompts()
+  gen = _gen_by_hand()
+  ro = ppo.rollout_tensors(batch["prompt_tokens"], batch["prompt_mask"], gen)
+  v = ppo.response_values(zeroed, ro["tokens"], ro["positions"], ro["segment_ids"], M, cfg=CFG)
+  assert float(jnp.abs(v).max()) == 0.0

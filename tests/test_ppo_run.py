@@ -22,11 +22,15 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  """A world tokenizer, a random policy and two random reward models on disk."""
+  """A world tokenizer, a random policy that ends some of its 8-token samples with EOS, and two
+  random reward models on disk."""
   root = tmp_path_factory.mktemp("ppo_models")
   world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
                                   vocab_size=VOCAB)
-  policy = init_params(CFG, jax.random.key(0))
+  policy = jax.tree.map(np.array, init_params(CFG, jax.random.key(0)))  # writable copies
+  policy["tok_embeddings"][:, 0] = 10.0  # a large, positive residual dim 0 ...
+  policy["output"][0, :] = 0.0
+  policy["output"][0, 2] = 0.75  # ... that lifts the EOS logit: some rollouts end, some do not
   convert.save_orbax(root / "policy", CFG, policy)
   for i, name in enumerate(("help", "safe")):
     rm = reward.init_reward_params(init_params(CFG, jax.random.key(10 + i)), jax.random.key(20 + i))
@@ -81,7 +85,7 @@ def test_ppo_runs_stops_and_resumes_exactly(models, tmp_path):
   for r in full:
     for k in METRICS:
       assert k in r and np.isfinite(r[k]), k
-    assert 0 < r["reward_raw"] < 1 and 0 <= r["eos_rate"] <= 1 and 0 <= r["clipfrac"] <= 1
+    assert 0 < r["reward_raw"] < 1 and 0 < r["eos_rate"] < 1 and 0 <= r["clipfrac"] <= 1
     assert 1 <= r["response_length"] <= 8 and r["time_generation"] > 0
   # The policy moved away from pi_0 (the second rollout has a non-zero KL) and the saved final
   # policy differs from the initial one.
@@ -108,17 +112,38 @@ def test_early_stopping_keeps_the_best_evaluated_policy(models, tmp_path):
   work = _workdir(models, tmp_path, "early")
   # A negligible LR: greedy held-out completions do not change, so the held-out reward never
   # improves on iteration 0 and patience 1 stops after the first evaluation.
-  c = make_config(models, num_iterations=5, eval_every=1, patience=1, lr=1e-12, value_lr=1e-12)
+  c = make_config(models, num_iterations=5, eval_every=1, patience=1, lr=1e-12, value_lr=1e-12,
+                  sft_from=str(models / "policy"))
   res = ppo_run.run(c, str(work))
   assert res["finished"] and res["stopped_early"] and res["iterations"] == 1
   assert res["best_iteration"] == 0 and 0 < res["eval"]["reward"] < 1
+  assert res["improved"] is False  # reported, not silent
   evals = _lines(work, "eval")
   assert [r["step"] for r in evals] == [0, 1]
+  # Sampled held-out completions with a fixed key: an unchanged policy scores the same.
   assert evals[0]["reward"] == evals[1]["reward"]
-  assert 0 <= evals[0]["helpfulness"] <= 1
+  assert 0 <= evals[0]["helpfulness"] <= 1 and 0 <= evals[0]["gold"] <= 0.9
+  # pi_0 is the SFT reference here: the two KLs are the same numbers, 0 at iteration 0.
+  assert evals[0]["kl_ref"] == evals[0]["kl_sft"] == 0.0
+  assert evals[1]["kl_ref"] == pytest.approx(evals[1]["kl_sft"])
   _, p0 = convert.load_orbax(models / "policy")
   _, best = convert.load_orbax(work / "final")
   np.testing.assert_array_equal(p0["output"], best["output"])
+
+
+def test_oracle_reward_is_the_gold_control(models, tmp_path):
+  work = _workdir(models, tmp_path, "oracle")
+  c = make_config(models, reward="oracle", eval_every=2, num_iterations=2)
+  res = ppo_run.run(c, str(work))
+  assert res["finished"] and res["reward"] == "oracle"
+  train = _lines(work, "train")
+  assert all(0.1 - 1e-6 <= r["reward_raw"] <= 0.9 + 1e-6 for r in train)  # world.gold_reward
+  assert "r_help" not in train[0]
+  evals = _lines(work, "eval")
+  assert all(r["reward"] == pytest.approx(r["gold"]) for r in evals)  # proxy = gold here
+  c = make_config(models, reward="gold")
+  with pytest.raises(ValueError, match="config.ppo.reward"):
+    ppo_run.run(c, str(tmp_path / "bad"))
 
 
 def test_validation_names_the_field(models, tmp_path):
