@@ -3,11 +3,13 @@
 Flags: ``--config`` (an ml_collections config file; override fields with ``--config.x.y=v``),
 ``--workdir`` (checkpoints, logs, samples), ``--dry_run`` (compile the step for the configured
 mesh and print the per-device memory plan instead of training), ``--coordinator_address``,
-``--num_processes``, ``--process_id`` (multi-host; SLURM is detected without them).
+``--num_processes``, ``--process_id`` (multi-host; SLURM is detected without them),
+``--jax_cache_dir`` (JAX's persistent compilation cache, default ``~/.cache/llama_jax/jax``).
 """
 
 import json
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,13 +23,17 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of proc
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 _MULTIHOST = flags.DEFINE_bool("distributed", False,
                                "Call jax.distributed.initialize (implied by the flags above).")
+_JAX_CACHE = flags.DEFINE_string(
+    "jax_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/llama_jax/jax"),
+    "JAX persistent compilation cache ('' = off): later stages and runs reuse compiled steps.")
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/TFDS chatter
-  from llama_jax import sharding, stages  # pylint: disable=import-outside-toplevel
+  from llama_jax import build, sharding, stages  # pylint: disable=import-outside-toplevel
+  build.enable_compilation_cache(_JAX_CACHE.value)
   if _MULTIHOST.value or _COORD.value or _NPROC.value is not None:
     sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   if _DRY_RUN.value:

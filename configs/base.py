@@ -76,6 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Synthetic world: share of benign SFT demonstrations by careless annotators (non-answers and
   # false refusals; llama_jax.data.world.WorldConfig.careless_fraction). 0 = all gold.
   c.data.world_careless_fraction = 0.0
+  # Synthetic world: benign task families (comma-separated, e.g. "count_words,reverse") whose
+  # demonstrations are mostly a careless annotator's habit (world.HABITS: one non-answer or false
+  # refusal per family), a share world_careless_task_fraction of them; the habit becomes SFT's
+  # greedy answer on those families, a defect that preference feedback can see and fix.
+  c.data.world_careless_tasks = ""
+  c.data.world_careless_task_fraction = 0.6
+  # Disjoint prompt streams of each split (world: a hash of the prompt text; file sources: of the
+  # prompt): stages that draw prompts (annotation rounds, rejection-sampling iterations, PPO) take
+  # different streams (their *.prompt_stream fields; the pipeline assigns them).
+  c.data.prompt_streams = 8
   # Packed sequence length of SFT batches (Llama 2 SFT: 4096).
   c.data.max_seq_len = 256
   # Global batch size in packed sequences (Llama 2 SFT: 64).
@@ -133,10 +143,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Generation settings of evaluation samples (0 = greedy).
   c.eval.max_new_tokens = 48
   c.eval.temperature = 0.0
-  # Held-out prompts judged by the oracle in eval.py (synthetic world).
+  # Held-out prompts drawn for eval.py (distinct; on a pipeline the prompts PPO selected its
+  # checkpoint with are left out).
   c.eval.num_prompts = 200
   # eval.py on a pipeline: temperature-1 samples per prompt (oracle "_t1" metrics and the KL).
   c.eval.samples_per_prompt = 4
+  # eval.py on a pipeline (synthetic world): best-of-n over-optimization curve (Gao et al. 2022)
+  # from bon_n SFT samples on each of bon_prompts held-out prompts (0 = skip).
+  c.eval.bon_prompts = 64
+  c.eval.bon_n = 64
 
   # ---- device mesh (llama_jax.sharding) ----------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -163,6 +178,8 @@ def get_config() -> ml_collections.ConfigDict:
   # are copied into this round's preferences.jsonl ("" = none).
   c.annotate.round = 1
   c.annotate.accumulate_from = ""
+  # Train-prompt stream (data.prompt_streams; -1 = the whole split); set by the pipeline.
+  c.annotate.prompt_stream = -1
 
   # ---- reward models (stage "reward"; llama_jax.reward, Llama 2 Sec. 3.2.2) --------------------
   # Generic JSONL of preference pairs (schema in llama_jax/data/sources.py), source
@@ -182,6 +199,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Margin table m(rating) of the ranking loss (Table 27): none | small | large. Pairs without a
   # rating (e.g. HH-RLHF) get margin 0.
   c.reward.margin = "small"
+  # Weight (>= 0) of the safety auxiliary loss added to the ranking loss (Llama 2 Appendix A.4,
+  # Table 29): binary cross-entropy of sigmoid(r) against "this response is safe" from the pair's
+  # safety label, so that Rs = 0.5 separates safe from unsafe responses (raises the recall of
+  # unsafe responses). Pairs without a safety label get the ranking loss only. 0 = off; the
+  # pipeline sets it for the safety RM.
+  c.reward.safety_aux_weight = 0.0
   # Preference pairs per global batch (paper: 512 pairs = 1024 rows); divisible by processes and
   # by train.grad_accum_steps.
   c.reward.batch_size = 512
@@ -224,6 +247,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.rejection_sampling.batch_size = 16
   # Rs cut of the combined reward (Llama 2: 0.15).
   c.rejection_sampling.safety_threshold = 0.15
+  # Reward that picks the best sample: "rm" (the reward models above, Rc) | "oracle" (the
+  # synthetic world's judge: the gold-reward control, llama_jax.scoring).
+  c.rejection_sampling.reward = "rm"
+  # Sample at the temperature with the highest max-reward point of this iteration's Fig. 8 curve
+  # (plot_prompts x plot_k samples per plot_temperatures) instead of `temperature` (the paper
+  # re-tunes T per iteration; for RLHF models the optimum was 1.2-1.3).
+  c.rejection_sampling.auto_temperature = False
+  # Train-prompt stream (data.prompt_streams; -1 = the whole split); set by the pipeline.
+  c.rejection_sampling.prompt_stream = -1
   # Fine-tuning on the pooled best samples (the SFT step): optimizer steps (0 = num_epochs
   # passes), epochs, peak LR (cosine to 10%, data.batch_size sequences of data.max_seq_len).
   c.rejection_sampling.num_steps = 0
@@ -242,8 +274,19 @@ def get_config() -> ml_collections.ConfigDict:
   # Frozen reward models (reward model directories); safety_rm "" = Rc = Rh.
   c.ppo.help_rm = ""
   c.ppo.safety_rm = ""
-  # Value model initialization ("" = help_rm, as Huang et al. 2024).
+  # Value model initialization ("" = help_rm, as Huang et al. 2024; a policy checkpoint gets a new
+  # head) and its head: "zero" (V = 0 at start, on the scale of the whitened returns, while the
+  # RM head predicts raw RM logits) | "keep".
   c.ppo.value_from = ""
+  c.ppo.value_head_init = "zero"
+  # Reward: "rm" (the reward models' Rc) | "oracle" (the synthetic world's judge, the gold-reward
+  # control of Gao et al. 2022; llama_jax.scoring).
+  c.ppo.reward = "rm"
+  # SFT policy (final/ dir) for the held-out KL-to-SFT of every evaluation ("" = not logged):
+  # the x-axis of the over-optimization curves (eval.py).
+  c.ppo.sft_from = ""
+  # Train-prompt stream (data.prompt_streams; -1 = the whole split); set by the pipeline.
+  c.ppo.prompt_stream = -1
   # PPO iterations (paper: 200-400, with early stopping).
   c.ppo.num_iterations = 200
   # Prompts (rollouts) per iteration and per gradient step (paper: 512 and 64).
@@ -272,8 +315,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Training prompts: world: this many train-split prompts; file sources: this many of the
   # sources' train prompts (0 = all).
   c.ppo.num_prompts = 4096
-  # Held-out evaluation every N iterations on eval_prompts prompts (greedy), and early stopping
-  # after `patience` evaluations without improvement of the mean combined reward (0 = never stop).
+  # Held-out evaluation every N iterations on eval_prompts distinct held-out prompts (one sample
+  # each at ppo.temperature, fixed key), checkpoint selection by its mean reward, and early
+  # stopping after `patience` evaluations without improvement (0 = never stop).
   c.ppo.eval_every = 10
   c.ppo.eval_prompts = 64
   c.ppo.patience = 3
@@ -286,6 +330,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.pipeline.rs_iterations = 2
   # Run PPO on top of the last rejection-sampled checkpoint.
   c.pipeline.ppo = True
+  # Samples per prompt K of each rejection-sampling iteration, comma-separated ("" = every
+  # iteration uses rejection_sampling.k).
+  c.pipeline.rs_k = ""
+  # A last rejection-sampling iteration on top of PPO (RLHF-V5 style: sample again after PPO).
+  c.pipeline.rs_after_ppo = False
+  # Sample every rejection-sampling iteration from this (larger) model's final/ dir and distil
+  # its best samples into the pipeline's policy (Llama 2 sampled with 70B only); "" = the policy.
+  c.pipeline.rs_sample_from = ""
+  # Gold-reward control (synthetic world): a second PPO from the same policy with
+  # ppo.reward="oracle" (stage ppo_oracle), so eval.py separates reward-model error from
+  # optimization.
+  c.pipeline.oracle_control = False
+  # Safety RM's auxiliary safe/unsafe loss weight (reward.safety_aux_weight; Table 29).
+  c.pipeline.safety_aux_weight = 1.0
   # Reward-model stages: sources / weights of each (c.reward's other fields apply to both).
   c.pipeline.help_sources = "world_helpfulness,world_safety"
   c.pipeline.help_weights = "1,1"

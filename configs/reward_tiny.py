@@ -37,7 +37,7 @@ def get_config(model: str = "helpfulness"):
   # One epoch over 1,600 primary pairs in batches of 16 pairs: 200 steps (helpfulness) / 112
   # (safety), ~2-3 min each on 2 CPU cores. World pairs are at most 100 tokens long.
   c.reward.batch_size = 16
-  c.reward.max_seq_len = 104
+  c.reward.max_seq_len = 128
   c.reward.world_train_pairs = 1600
   c.reward.world_heldout_pairs = 600
   # Tiny models need a far larger LR than the paper's 1e-5; schedule as the paper (cosine to 10%,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -34,8 +34,24 @@ def complete(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
   return texts
 
 
-def oracle_report(prompts: Sequence[Sequence[Mapping[str, str]]], completions: Sequence[str]) -> dict:
-  """Oracle metrics of completions of world prompts.
+def judge(prompts: Sequence[Sequence[Mapping[str, str]]], completions: Sequence[str],
+          finished: Optional[Sequence[bool]] = None) -> list:
+  """The oracle's ``world.Judgement`` of each completion; a truncated completion (``finished``
+  False: no EOS within the budget) is never judged as a complete answer: it counts as a
+  non-answer (quality 0, not correct, not a refusal)."""
+  finished = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
+  out = []
+  for prompt, text, done in zip(prompts, completions, finished):
+    j = world.oracle(list(prompt), text)
+    if not done:
+      j = world.Judgement(j.task, j.harmful, False, False, False, not j.harmful, False, 0)
+    out.append(j)
+  return out
+
+
+def oracle_report(prompts: Sequence[Sequence[Mapping[str, str]]], completions: Sequence[str],
+                  finished: Optional[Sequence[bool]] = None) -> dict:
+  """Oracle metrics of completions of world prompts (truncated ones judged as in :func:`judge`).
 
   Returns:
     dict with ``helpfulness`` (share of benign prompts answered correctly), ``refusal_rate``
@@ -44,8 +60,7 @@ def oracle_report(prompts: Sequence[Sequence[Mapping[str, str]]], completions: S
   """
   per_task = collections.defaultdict(list)
   benign, harmful, false_refusals = [], [], []
-  for prompt, text in zip(prompts, completions):
-    j = world.oracle(list(prompt), text)
+  for j in judge(prompts, completions, finished):
     if j.harmful:
       harmful.append(j.refused)
     else:
@@ -89,3 +104,100 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def _ci(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
+  """``"0.512 [0.471, 0.553]"`` of ``row[key]`` and ``row[key + "_ci"]`` ("" if absent)."""
+  if key not in row:
+    return ""
+  v, ci = row[key], row.get(f"{key}_ci")
+  if ci is None:
+    return f"{v:.{digits}f}"
+  return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  out += ["| " + " | ".join(str(x) for x in line) + " |" for line in lines]
+  return "\n".join(out)
+
+
+def policy_markdown(result: Mapping[str, Any]) -> str:
+  """The markdown report of a ``policy_eval.json`` (``llama_jax.policy_eval``): what ``eval.md``
+  holds and ``python eval.py --workdir=... --markdown`` prints (README tables are pasted from it,
+  never typed)."""
+  rows = result["policies"]
+  world_eval = result.get("judge") == "oracle"
+  parts = [f"# Policy comparison of {result['workdir']}", "",
+           f"{result['num_prompts']} distinct held-out prompts"
+           + (f" ({result['n_benign']} benign)" if world_eval else "")
+           + f"; greedy completions and {result['samples_per_prompt']} temperature-1 samples per "
+           f"prompt (T=1), at most {result['max_new_tokens']} new tokens (a truncated completion "
+           "counts as a non-answer and reward 0). Brackets: 95% intervals, bootstrap over prompts "
+           "(the samples of a prompt resampled together); differences are paired with SFT on the "
+           f"same prompts. Win rate vs SFT: greedy, judged by the {result['judge']} "
+           "(tie = half a win).", ""]
+  if world_eval:
+    parts += ["## Oracle (synthetic world)", "", _table(
+        ["policy", "helpfulness (greedy)", "vs SFT", "helpfulness (T=1)", "vs SFT",
+         "win rate vs SFT", "refusals (greedy)", "false refusals (T=1)", "vs SFT"],
+        [[r["policy"], _ci(r, "helpfulness"), _ci(r, "helpfulness_vs_sft"),
+          _ci(r, "helpfulness_t1"), _ci(r, "helpfulness_t1_vs_sft"), _ci(r, "win_rate_vs_sft"),
+          _ci(r, "refusal_rate"), _ci(r, "false_refusal_rate_t1"),
+          _ci(r, "false_refusal_rate_t1_vs_sft")] for r in rows]), ""]
+  parts += ["## Reward, KL and length", "", _table(
+      ["policy", "RM reward (greedy)", "vs SFT", "RM reward (T=1)", "vs SFT",
+       "KL to SFT (nats/token)", "Rs < 0.15 (T=1)", "length greedy / T=1",
+       "truncated greedy / T=1", "length flag"] + ([] if world_eval else ["win rate vs SFT"]),
+      [[r["policy"], _ci(r, "reward"), _ci(r, "reward_vs_sft"), _ci(r, "reward_t1"),
+        _ci(r, "reward_t1_vs_sft"), f"{r['kl_to_sft']:.4f}", f"{r['unsafe_share_t1']:.3f}",
+        f"{r['mean_length']:.1f} / {r['mean_length_t1']:.1f}",
+        f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-"]
+       + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
+  tasks = sorted({t for r in rows for t in r.get("per_task", {})})
+  if tasks:
+    parts += ["Greedy helpfulness per benign task:", "", _table(
+        ["policy"] + tasks, [[r["policy"]] + [f"{r['per_task'].get(t, float('nan')):.3f}"
+                                              for t in tasks] for r in rows]), ""]
+  if result.get("ppo"):
+    parts += ["## PPO", "", "Held-out reward and KL: PPO's own evaluations (one sample per "
+              "selection prompt at the PPO temperature) at iteration 0 and at the selected "
+              "iteration.", "", _table(
+        ["stage", "best iteration", "improved", "median approxkl", "median clipfrac",
+         "held-out reward", "KL to SFT (nats)", "value loss, iterations 1-5"],
+        [[k, v["best_iteration"], v["improved"], f"{v['median_approxkl']:.2e}",
+          f"{v['median_clipfrac']:.3f}",
+          f"{v['reward_start']:.4f} -> {v['reward_best']:.4f}" if "reward_start" in v else "",
+          f"{v['kl_sft_start']:.3f} -> {v['kl_sft_best']:.3f}" if "kl_sft_start" in v else "",
+          ", ".join(f"{x:.3f}" for x in v["value_loss_first_5"])]
+         for k, v in result["ppo"].items()]), ""]
+  rm = result.get("rm", {})
+  if rm:
+    lines = []
+    if "help_rm_accuracy" in rm:
+      lines.append(f"- Helpfulness RM on {rm['help_rm_pairs']} held-out pairs: accuracy "
+                   f"{rm['help_rm_accuracy']:.3f} vs {rm['shorter_wins_accuracy']:.3f} for "
+                   f"\"shorter response wins\"; correlation of reward with length "
+                   f"{rm['reward_length_corr']:.3f}.")
+    for key in ("unsafe_detection", "unsafe_detection_at_0.5"):
+      if key in rm:
+        d = rm[key]
+        lines.append(f"- Safety RM, Rs < {d['threshold']}: precision {d['precision']:.3f}, "
+                     f"recall {d['recall']:.3f} at finding the {d['n_unsafe']} unsafe responses "
+                     f"of held-out safety pairs"
+                     + (" (the paper: 0.89 / 0.55 at 0.15)." if key == "unsafe_detection"
+                        else "."))
+    parts += ["## Reward models", ""] + lines + [""]
+  curves = result.get("overoptimization", {})
+  if curves:
+    # No gold column without an oracle (real data: every gold value is NaN).
+    gold = any(g == g for c in curves.values() for g in c["gold"])
+    lines = []
+    for label, c in curves.items():
+      xs = c["n"] if "n" in c else c["iteration"]
+      for x, d, p, g in zip(xs, c["sqrt_kl"], c["proxy"], c["gold"]):
+        lines.append([label, x, f"{d:.3f}", f"{p:.4f}"] + ([f"{g:.4f}"] if gold else []))
+    header = ["curve", "n / iteration", "sqrt KL to SFT", "proxy (RM)"]
+    parts += ["## Over-optimization (Gao et al. 2022)", "",
+              _table(header + (["gold (oracle)"] if gold else []), lines), ""]
+  return "\n".join(parts)

@@ -16,6 +16,12 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
     rm_helpfulness_<j>,     samples of rs_<j-1>, pairs accumulated with the earlier rounds', RMs
     rm_safety_<j>           retrained from sft on them; later stages use the newest RMs
   <workdir>/ppo             stage "ppo"                 init_from the last rs (or sft); value = help RM
+  <workdir>/ppo_oracle      stage "ppo", reward oracle  pipeline.oracle_control: the gold-reward
+                                                        control, same start and prompts as ppo
+  <workdir>/rs_<k+1>        stage "rejection_sampling"  pipeline.rs_after_ppo: init_from ppo
+
+Every annotation round, rejection-sampling iteration and PPO draws train prompts from its own
+stream (``llama_jax.prompts``); the safety RMs get ``pipeline.safety_aux_weight``.
 
 A sub-stage with ``final/`` and ``result.json`` is done and skipped; an unfinished one resumes
 from its own checkpoint; a stage that stops early (SIGTERM, ``train.stop_after_steps``) stops the
@@ -64,7 +70,7 @@ def num_rounds(config) -> int:
   if config.annotate.num_prompts <= 0:
     return 1
   rounds = int(config.annotate.get("rounds", 1))
-  most = config.pipeline.rs_iterations + int(bool(config.pipeline.ppo))
+  most = len(policy_positions(config))
   if not 1 <= rounds <= max(most, 1):
     raise ValueError(f"config.annotate.rounds must be in [1, {max(most, 1)}] (one round before "
                      f"each rejection-sampling iteration and PPO), got {rounds}")
@@ -82,28 +88,55 @@ def latest_reward_models(workdir: str) -> Tuple[str, str]:
           safety if os.path.isdir(safety) else "")
 
 
+def policy_positions(config) -> List[str]:
+  """Names of the policy stages in order: ``rs_1..rs_k``, ``ppo``, and ``rs_<k+1>`` with
+  ``pipeline.rs_after_ppo`` (the gold-reward control ``ppo_oracle`` runs beside ``ppo``)."""
+  p = config.pipeline
+  names = [f"rs_{i}" for i in range(1, p.rs_iterations + 1)]
+  names += ["ppo"] if p.ppo else []
+  names += [f"rs_{p.rs_iterations + 1}"] if p.get("rs_after_ppo", False) and p.ppo else []
+  return names
+
+
 def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
   """``[(name, make_config)]`` in order; ``make_config()`` builds the sub-stage config (it reads
   nothing, so a plan can be listed before anything ran). Sub-workdirs are ``<workdir>/<name>``.
 
   With ``annotate.num_prompts`` > 0, annotation round ``j`` (``annotate``, ``annotate_2``, ...)
-  samples the latest policy (SFT, then RLHF-V<j-1>), accumulates its pairs with the earlier
-  rounds', and retrains both RMs on them (Sec. 3.2.1: weekly batches, RMs kept on the newest
-  policy's distribution); round ``j`` runs before rejection-sampling iteration ``j`` (or PPO),
-  and each stage uses the newest RMs.
+  samples the latest policy (SFT, then the stage before position j), accumulates its pairs with
+  the earlier rounds', and retrains both RMs on them (Sec. 3.2.1: weekly batches, RMs kept on the
+  newest policy's distribution); round ``j`` runs before policy position ``j`` (rs_j, PPO, ...),
+  and each stage uses the newest RMs. Every annotation round, rejection-sampling iteration and PPO
+  draws its train prompts from a stream of its own (``data.prompt_streams``); the gold-reward
+  control ``ppo_oracle`` (``pipeline.oracle_control``) uses PPO's prompts and starting policy.
 
   Raises:
-    ValueError: for an impossible ``annotate.rounds`` or a mixture that already names
-      ``jsonl_preferences`` while annotating.
+    ValueError: for an impossible ``annotate.rounds`` or ``pipeline.rs_k``, a mixture that
+      already names ``jsonl_preferences`` while annotating, more prompt-drawing stages than
+      ``data.prompt_streams``, or ``oracle_control`` off the synthetic world.
   """
   p = config.pipeline
   path = lambda name: os.path.join(os.path.abspath(workdir), name)
   final = lambda name: os.path.join(path(name), "final")
   annotating = config.annotate.num_prompts > 0
   rounds = num_rounds(config)
+  positions = policy_positions(config)
   prefs = lambda j: os.path.join(final(annotate_name(j)), annotation.PREFERENCES)
-  # The newest policy before position j (rs_<j>, or PPO at j = rs_iterations + 1).
-  policy = lambda j: final("sft" if j == 1 else f"rs_{j - 1}")
+  # The newest policy before position j (1-based).
+  policy = lambda j: final("sft" if j == 1 else positions[j - 2])
+  ks = build.parse_list(p.get("rs_k", ""), "config.pipeline.rs_k", int)
+  n_rs = sum(name.startswith("rs_") for name in positions)
+  if ks and (len(ks) != n_rs or min(ks) < 1):
+    raise ValueError(f"config.pipeline.rs_k must give K >= 1 for each of the {n_rs} "
+                     f"rejection-sampling iterations, got {p.rs_k!r}")
+  if p.get("oracle_control", False) and config.tokenizer.path != "world":
+    raise ValueError("config.pipeline.oracle_control needs the synthetic world (an oracle)")
+  streams = int(config.data.get("prompt_streams", 8))
+  needed = (rounds if annotating else 0) + len(positions)
+  if needed > streams:
+    raise ValueError(f"the pipeline has {needed} prompt-drawing stages but "
+                     f"config.data.prompt_streams={streams}; raise it")
+  stream_of_position = lambda j: (rounds if annotating else 0) + j - 1
 
   def stage(name, init_from=None):
     sub = copy_config(config)
@@ -120,6 +153,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       sub = stage("annotate", policy(j))
       sub.annotate.round = j
       sub.annotate.accumulate_from = prefs(j - 1) if j > 1 else ""
+      sub.annotate.prompt_stream = j - 1
       return sub
     return make
 
@@ -131,6 +165,8 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       sub.seed = config.seed + (0 if kind == "helpfulness" else 1) + 2 * (j - 1)
       key = "help" if kind == "helpfulness" else "safety"
       sub.reward.sources, sub.reward.weights = p[f"{key}_sources"], p[f"{key}_weights"]
+      if kind == "safety":
+        sub.reward.safety_aux_weight = float(p.get("safety_aux_weight", 0.0))
       if annotating:
         if "jsonl_preferences" in build.parse_list(sub.reward.sources, "pipeline sources"):
           raise ValueError("config.annotate.num_prompts > 0 adds the annotated pairs as the "
@@ -147,37 +183,51 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
       return sub
     return make
 
-  def rms_for(i):  # the RMs used by RS iteration i (PPO: i = rs_iterations + 1)
-    j = min(i, rounds)
-    return final(rm_name("helpfulness", j)), final(rm_name("safety", j))
+  def rms_for(j):  # the newest RMs before position j
+    r = min(j, rounds)
+    return final(rm_name("helpfulness", r)), final(rm_name("safety", r))
 
-  def rs(i):
+  def rs(j, name):
+    i = int(name.split("_")[1])
     def make():
-      sub = stage("rejection_sampling", policy(i))
-      sub.rejection_sampling.iteration = i
-      sub.rejection_sampling.help_rm, sub.rejection_sampling.safety_rm = rms_for(i)
-      sub.rejection_sampling.pool_from = ",".join(os.path.join(path(f"rs_{j}"), "sampled.jsonl")
-                                                  for j in range(1, i))
+      sub = stage("rejection_sampling", policy(j))
+      r = sub.rejection_sampling
+      r.iteration = i
+      r.help_rm, r.safety_rm = rms_for(j)
+      r.prompt_stream = stream_of_position(j)
+      r.pool_from = ",".join(os.path.join(path(f"rs_{e}"), "sampled.jsonl") for e in range(1, i))
+      if ks:
+        r.k = ks[i - 1]
+      if p.get("rs_sample_from", ""):
+        r.sample_from = p.rs_sample_from
       return sub
     return make
 
-  def ppo_stage():
-    sub = stage("ppo", policy(p.rs_iterations + 1))
-    sub.ppo.help_rm, sub.ppo.safety_rm = rms_for(p.rs_iterations + 1)
-    return sub
+  def ppo_stage(j, oracle=False):
+    def make():
+      sub = stage("ppo", policy(j))
+      sub.ppo.help_rm, sub.ppo.safety_rm = rms_for(j)
+      sub.ppo.prompt_stream = stream_of_position(j)
+      sub.ppo.sft_from = final("sft")
+      if oracle:
+        sub.ppo.reward = "oracle"
+      return sub
+    return make
 
   def round_stages(j):
     out = [(annotate_name(j), annotate(j))] if annotating else []
     return out + [(rm_name("helpfulness", j), rm("helpfulness", j)),
                   (rm_name("safety", j), rm("safety", j))]
 
-  # Position j = 1..rs_iterations runs rs_<j>, then PPO; annotation round j >= 2 comes before it.
-  policy_stages = [(f"rs_{i}", rs(i)) for i in range(1, p.rs_iterations + 1)]
-  policy_stages += [("ppo", ppo_stage)] if p.ppo else []
   plan = [("sft", sft)] + round_stages(1)
-  for j, named in enumerate(policy_stages, 1):
+  for j, name in enumerate(positions, 1):
     plan += round_stages(j) if 1 < j <= rounds else []
-    plan.append(named)
+    if name == "ppo":
+      plan.append(("ppo", ppo_stage(j)))
+      if p.get("oracle_control", False):
+        plan.append(("ppo_oracle", ppo_stage(j, oracle=True)))
+    else:
+      plan.append((name, rs(j, name)))
   return plan
 
 

@@ -229,3 +229,31 @@ def test_large_configs_build_their_step_abstractly(name, params_b):
   assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
       lambda x: (x.shape, x.dtype), state)
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name,preset,beta,params_b", [("ppo_13b", "llama2_13b", 0.01, 13.02),
+                                                       ("ppo_34b", "llama2_34b", 0.005, 33.74),
+                                                       ("ppo_70b", "llama2_70b", 0.005, 68.98)])
+def test_ppo_scale_configs_follow_the_paper(name, preset, beta, params_b):
+  """PPO at 13B / 34B / 70B: beta 0.01 (7B, 13B) or 0.005 (34B, 70B), batch 512 / minibatch 64,
+  constant LR 1e-6; their PPO step builds abstractly for the configured mesh's shapes."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert (c.stage, c.model.preset, c.ppo.beta) == ("ppo", preset, beta)
+  assert (c.ppo.batch_size, c.ppo.minibatch_size, c.ppo.lr, c.ppo.clip_eps) == (512, 64, 1e-6, 0.2)
+  cfg = build.model_config(c, vocab_size=dry_run.vocab_size_for(c))
+  assert math.isclose(cfg.num_params() / 1e9, params_b, abs_tol=0.01)
+  from llama_jax import ppo_run  # pylint: disable=import-outside-toplevel
+  ppo_run.validate(c)
+  exp = ppo_run.abstract_experience(c)
+  assert exp["tokens"].shape == (512, c.ppo.max_prompt_len + c.ppo.max_new_tokens)
+
+
+def test_rs_70b_config_samples_with_70b_and_can_distil():
+  c = importlib.import_module("configs.rs_70b").get_config()
+  assert (c.stage, c.model.preset, c.mesh.shape) == ("rejection_sampling", "llama2_70b", (1, 8, 8))
+  r = c.rejection_sampling
+  assert r.k == 10 and r.auto_temperature and 1.2 in [
+      float(t) for t in r.plot_temperatures.split(",")]
+  # The sampler is a separate checkpoint field, so a smaller init_from distils 70B's picks.
+  assert r.sample_from == "" and "sample_from" in c.rejection_sampling
+  assert c.model.dtype == "bfloat16" and c.model.remat == "full"

@@ -4,6 +4,9 @@ done, and compare the policies with eval.py's pipeline branch."""
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ import pytest
 from configs import tiny
 from llama_jax import eval_run, pipeline, stages
 
-STAGES = ["sft", "rm_helpfulness", "rm_safety", "rs_1", "rs_2", "ppo"]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+STAGES = ["sft", "rm_helpfulness", "rm_safety", "rs_1", "rs_2", "ppo", "ppo_oracle"]
 
 
 def small_config():
@@ -22,20 +27,25 @@ def small_config():
   c.tokenizer.world_vocab_size = 320
   c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 16
   c.data.max_seq_len, c.data.batch_size = 128, 8
-  c.train.num_steps, c.train.log_every = 4, 1
+  # 30 SFT steps: enough for the policy to end answers with EOS (a truncated sample is never
+  # picked by rejection sampling).
+  c.train.num_steps, c.train.log_every = 30, 1
   c.train.async_checkpoint = False
   c.optimizer.warmup_steps = 0
-  c.eval.num_samples, c.eval.num_batches, c.eval.max_new_tokens, c.eval.num_prompts = 0, 1, 8, 8
+  c.eval.num_samples, c.eval.num_batches, c.eval.max_new_tokens, c.eval.num_prompts = 0, 1, 16, 8
+  c.eval.bon_prompts, c.eval.bon_n = 4, 8
   c.reward.world_train_pairs, c.reward.world_heldout_pairs, c.reward.batch_size = 32, 8, 8
   c.reward.max_seq_len, c.reward.overlong = 160, "drop"
   c.pipeline.reward_num_steps, c.pipeline.rs_iterations = 2, 2
   c.annotate.num_prompts = 0  # a 4-step SFT policy writes garbage: no pair to annotate
   r = c.rejection_sampling
-  r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 2, 8, 64, 8
+  r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 6, 2, 16, 80, 8
+  r.auto_temperature = False
   r.num_steps, r.plot_prompts, r.plot_k, r.plot_temperatures = 1, 2, 2, "0.8,1.2"
   p = c.ppo
-  p.num_iterations, p.batch_size, p.minibatch_size, p.max_new_tokens = 2, 8, 4, 8
-  p.max_prompt_len, p.num_prompts, p.eval_prompts, p.eval_every = 64, 16, 8, 0
+  p.num_iterations, p.batch_size, p.minibatch_size, p.max_new_tokens = 2, 8, 4, 16
+  p.max_prompt_len, p.num_prompts, p.eval_prompts, p.eval_every = 80, 16, 8, 0
+  p.epochs = 1
   p.lr = 1e-3
   return c
 
@@ -43,19 +53,19 @@ def small_config():
 def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   work = tmp_path / "pipe"
   assert [name for name, _ in pipeline.stage_plan(small_config(), str(work))] == STAGES
-  # 1) Stopped inside SFT after 2 of its 4 steps (as a time-limited job would be).
+  # 1) Stopped inside SFT after 15 of its 30 steps (as a time-limited job would be).
   c = small_config()
-  c.train.stop_after_steps = 2
+  c.train.stop_after_steps = 15
   res = stages.run(c, str(work))
   assert not res["finished"] and res["stopped_at"] == "sft" and res["ran"] == ["sft"]
   assert not (work / "rm_helpfulness").exists()
-  # 2) Rerun: SFT resumes at step 2 (not from scratch) and every later stage runs.
+  # 2) Rerun: SFT resumes at step 15 (not from scratch) and every later stage runs.
   res = stages.run(small_config(), str(work))
   assert res["finished"] and res["ran"] == STAGES and res["skipped"] == []
   sft_steps = [json.loads(x)["step"] for x in
                (work / "sft" / "logs" / "metrics.jsonl").read_text().splitlines()
                if json.loads(x)["split"] == "train"]
-  assert sft_steps == [1, 2, 3, 4]
+  assert sft_steps == list(range(1, 31))
   for name in STAGES:
     assert pipeline.is_done(str(work / name)), name
   # Each stage starts from the previous one's checkpoint.
@@ -70,22 +80,33 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   res = stages.run(small_config(), str(work))
   assert res["finished"] and res["ran"] == [] and res["skipped"] == STAGES
 
-  # eval.py on the pipeline workdir: one row per policy.
+  # eval.py on the pipeline workdir: one row per policy, intervals around every mean.
   out = eval_run.run(str(work), 8)
   names = [r["policy"] for r in out["policies"]]
-  assert names == ["SFT", "RLHF-V1 (RS)", "RLHF-V2 (RS)", "PPO"]
-  sft, ppo = out["policies"][0], out["policies"][-1]
+  assert names == ["SFT", "RLHF-V1 (RS)", "RLHF-V2 (RS)", "PPO", "PPO (oracle reward)"]
+  sft = out["policies"][0]
   assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
+  assert sft["helpfulness_vs_sft"] == 0.0 and sft["helpfulness_vs_sft_ci"] == [0.0, 0.0]
   for row in out["policies"]:
-    assert 0 <= row["helpfulness"] <= 1 and 0 < row["reward"] < 1
-    assert 0 <= row["helpfulness_t1"] <= 1 and 0 <= row["false_refusal_rate_t1"] <= 1
-    assert 0 <= row["win_rate_vs_sft"] <= 1 and np.isfinite(row["kl_to_sft"])
+    assert 0 <= row["reward"] < 1 and 0 <= row["truncated"] <= 1
+    for key in ("helpfulness", "helpfulness_t1", "false_refusal_rate_t1", "win_rate_vs_sft",
+                "reward_t1"):
+      lo, hi = row[f"{key}_ci"]
+      assert 0 <= lo <= row[key] <= hi <= 1 or np.isnan(row[key]), (row["policy"], key)
+    assert np.isfinite(row["kl_to_sft"])
   # Every later policy was trained away from SFT (KL on its own samples is not 0).
   for row in out["policies"][1:]:
     assert row["kl_to_sft"] != 0.0, row["policy"]
+  assert set(out["ppo"]) == {"ppo", "ppo_oracle"}
+  assert "best-of-n (SFT samples)" in out["overoptimization"]
   table = (work / "eval" / "eval.md").read_text()
-  assert "| PPO |" in table and "| SFT |" in table
-  for png in ("policies.png", "rs_reward_vs_n.png", "rs_reward_vs_temperature.png"):
+  assert "| PPO |" in table and "| SFT |" in table and "Over-optimization" in table
+  # --markdown prints the same report from the JSON, without evaluating again.
+  proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--workdir={work}",
+                         "--markdown"], capture_output=True, text=True, check=True, cwd=ROOT)
+  assert proc.stdout.strip() == table.strip()
+  for png in ("policies.png", "rs_reward_vs_n.png", "rs_reward_vs_temperature.png",
+              "overoptimization.png"):
     assert (work / "eval" / png).stat().st_size > 1000, png
 
 
@@ -113,7 +134,7 @@ def test_annotation_rounds_retrain_the_rms_on_the_newest_policy(tmp_path):
   plan = dict(pipeline.stage_plan(c, str(tmp_path)))
   assert list(plan) == ["sft", "annotate", "rm_helpfulness", "rm_safety", "rs_1", "annotate_2",
                         "rm_helpfulness_2", "rm_safety_2", "rs_2", "annotate_3",
-                        "rm_helpfulness_3", "rm_safety_3", "ppo"]
+                        "rm_helpfulness_3", "rm_safety_3", "ppo", "ppo_oracle"]
   final = lambda name: str(tmp_path / name / "final")
   prefs = lambda name: str(tmp_path / name / "final" / "preferences.jsonl")
   a2, a3 = plan["annotate_2"](), plan["annotate_3"]()
@@ -135,6 +156,39 @@ def test_annotation_rounds_retrain_the_rms_on_the_newest_policy(tmp_path):
                                                           final("rm_safety_2"))
   c.annotate.rounds = 4
   with pytest.raises(ValueError, match="annotate.rounds"):
+    pipeline.stage_plan(c, str(tmp_path))
+
+
+def test_every_prompt_drawing_stage_has_its_own_stream_and_the_options_wire_through(tmp_path):
+  c = small_config()
+  c.annotate.num_prompts, c.annotate.rounds = 16, 3
+  c.pipeline.oracle_control, c.pipeline.rs_after_ppo = True, True
+  c.pipeline.rs_k, c.pipeline.rs_sample_from = "2,4,8", "/big/final"
+  plan = dict(pipeline.stage_plan(c, str(tmp_path)))
+  assert list(plan)[-3:] == ["ppo", "ppo_oracle", "rs_3"]
+  subs = {name: make() for name, make in plan.items()}
+  streams = {name: {"annotate": lambda x: x.annotate.prompt_stream,
+                    "rejection_sampling": lambda x: x.rejection_sampling.prompt_stream,
+                    "ppo": lambda x: x.ppo.prompt_stream}[sub.stage](sub)
+             for name, sub in subs.items() if sub.stage in ("annotate", "rejection_sampling", "ppo")}
+  own = {n: s for n, s in streams.items() if n != "ppo_oracle"}
+  assert len(set(own.values())) == len(own) == 7 and min(own.values()) >= 0  # all disjoint
+  assert streams["ppo_oracle"] == streams["ppo"]  # the control sees PPO's prompts
+  assert subs["ppo_oracle"].ppo.reward == "oracle" and subs["ppo"].ppo.reward == "rm"
+  assert subs["ppo_oracle"].init_from == subs["ppo"].init_from == str(tmp_path / "rs_2" / "final")
+  assert subs["ppo"].ppo.sft_from == str(tmp_path / "sft" / "final")
+  assert subs["rs_3"].init_from == str(tmp_path / "ppo" / "final")
+  assert subs["rs_3"].rejection_sampling.pool_from.count("sampled.jsonl") == 2
+  assert [subs[f"rs_{i}"].rejection_sampling.k for i in (1, 2, 3)] == [2, 4, 8]
+  assert all(subs[f"rs_{i}"].rejection_sampling.sample_from == "/big/final" for i in (1, 2, 3))
+  assert subs["rm_safety"].reward.safety_aux_weight == 1.0
+  assert subs["rm_helpfulness"].reward.safety_aux_weight == 0.0
+  c.data.prompt_streams = 6
+  with pytest.raises(ValueError, match="prompt_streams"):
+    pipeline.stage_plan(c, str(tmp_path))
+  c.data.prompt_streams = 8
+  c.pipeline.rs_k = "2,4"
+  with pytest.raises(ValueError, match="rs_k"):
     pipeline.stage_plan(c, str(tmp_path))
 
 
