@@ -27,6 +27,16 @@ SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
 
 
+def _check_encodable(text: str, where: str) -> None:
+  """ValueError naming ``where`` and the index if ``text`` holds a lone UTF-16 surrogate (not valid
+  Unicode text: it has no UTF-8 encoding, and SentencePiece fails on it with a raw RuntimeError)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: text has a lone surrogate {text[e.start]!r} at index {e.start} "
+                     "(not valid Unicode; decode the source with errors='replace' or fix it)") from e
+
+
 class Tokenizer:
   """SentencePiece tokenizer with Llama 2's BOS/EOS conventions and chat format.
 
@@ -104,9 +114,11 @@ class Tokenizer:
 
     Raises:
       TypeError: if ``text`` is not a ``str``.
+      ValueError: if ``text`` holds a lone surrogate (no UTF-8 encoding).
     """
     if not isinstance(text, str):
       raise TypeError(f"Tokenizer.encode: text must be a str, got {type(text).__name__}")
+    _check_encodable(text, "Tokenizer.encode")
     ids = self._sp.encode(text)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -185,7 +197,7 @@ class Tokenizer:
     Raises:
       ValueError: naming the message index, if the dialog is empty, a message is not a mapping with
         a known ``role`` and a str ``content``, a content contains one of ``SPECIAL_TAGS`` (Meta
-        refuses these), the system message is not first or not followed by a user message, or the
+        refuses these) or a lone surrogate, the system message is not first or not followed by a user message, or the
         roles do not alternate user / assistant starting with user.
     """
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
@@ -201,6 +213,7 @@ class Tokenizer:
       if not isinstance(msg["content"], str):
         raise ValueError(f"encode_dialog: message {i} content must be a str, got "
                          f"{type(msg['content']).__name__}")
+      _check_encodable(msg["content"], f"encode_dialog: message {i}")
       for tag in SPECIAL_TAGS:
         if tag in msg["content"]:
           raise ValueError(f"encode_dialog: message {i} contains the special tag {tag!r}, which Meta's "

@@ -308,7 +308,9 @@ def test_dialog_known_ids(llama2_tokenizer_path):
 
 
 _CONTENT = st.text(
-    alphabet=st.one_of(st.sampled_from(list(" \n\t  []/<>SYINTabc1é日😀")), st.characters()),
+    # Lone surrogates (category Cs) are not text: encode_dialog rejects them (test below).
+    alphabet=st.one_of(st.sampled_from(list(" \n\t  []/<>SYINTabc1é日😀")),
+                       st.characters(blacklist_categories=("Cs",))),
     max_size=24).filter(lambda s: not any(tag in s for tag in REF_TAGS))
 
 
@@ -332,3 +334,13 @@ def test_dialog_property(llama2_tokenizer_path, dialog):
                  len(sp.encode(f"{REF_B_INST} {p.strip()} {REF_E_INST}")) for p, a in exchanges)
   assert int(mask.sum()) == n_answer + len(exchanges)  # + one EOS per exchange
   assert not mask[ids == 1].any() and mask[ids == 2].all()
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff tail"])
+def test_lone_surrogate_is_a_value_error(llama2_tokenizer_path, text):
+  # Regression: hypothesis once drew "\ud800" and sentencepiece raised a raw RuntimeError.
+  tok = _tok(llama2_tokenizer_path)
+  with pytest.raises(ValueError, match="lone surrogate"):
+    tok.encode(text)
+  with pytest.raises(ValueError, match="message 1: text has a lone surrogate"):
+    tok.encode_dialog([{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}])
