@@ -34,7 +34,8 @@ def _check_encodable(text: str, where: str) -> None:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
     raise ValueError(f"{where}: text has a lone surrogate {text[e.start]!r} at index {e.start} "
-                     "(not valid Unicode; decode the source with errors='replace' or fix it)") from e
+                     "(not valid Unicode: fix the source, or decode it with errors='replace')"
+                     ) from e
 
 
 class Tokenizer:
