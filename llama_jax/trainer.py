@@ -49,7 +49,8 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
     checkpointer: saves every ``checkpointer.save_every`` steps and at the end (None = never).
     writer: metric writer (TensorBoard + JSONL).
     log_every: write train metrics (averaged over the interval) every N steps.
-    eval_every: call ``eval_fn(state, step)`` every N steps (and at the end if given).
+    eval_every: call ``eval_fn(state, step)`` every N steps (and at the end if given, after
+      the final checkpoint is written).
     put_batch: host batch -> device arrays (e.g. a sharded ``device_put``).
     desc: progress bar label. tokens_key: metric counted for tokens/s.
     stop_after_steps: if > 0, stop after this many steps in this call (checkpointing as on
@@ -96,14 +97,16 @@ def run_loop(state: TrainState, step_fn: Callable, batches: Iterator, *, total_s
     if window:
       progress.update(len(window))
     step = int(state.step)
-    if eval_fn is not None and step == total_steps and not stop.requested:
-      last_eval = dict(eval_fn(state, step))
-      writer.write(step, last_eval, "eval")
+    # Save before the final evaluation: an evaluation that fails must not lose the run (the
+    # next call resumes at total_steps and evaluates again).
     if checkpointer is not None and (saved_step != step or step not in checkpointer.all_steps()):
       checkpointer.wait()
       checkpointer.save(step, state, batches if hasattr(batches, "get_state") else None)
     if checkpointer is not None:
       checkpointer.wait()
+    if eval_fn is not None and step == total_steps and not stop.requested:
+      last_eval = dict(eval_fn(state, step))
+      writer.write(step, last_eval, "eval")
   finally:
     stop.restore()
     progress.close()
