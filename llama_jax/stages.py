@@ -17,13 +17,17 @@ _MODULES = {"sft": "sft_run", "annotate": "annotation", "reward": "reward_run",
 _INT_FIELDS = (
     ("train", "num_steps", 0), ("train", "stop_after_steps", 0), ("train", "grad_accum_steps", 1),
     ("train", "log_every", 1), ("train", "eval_every", 0), ("train", "checkpoint_every", 0),
-    ("train", "keep_checkpoints", 1), ("optimizer", "warmup_steps", 0))
+    ("train", "keep_checkpoints", 1), ("optimizer", "warmup_steps", 0),
+    ("eval", "num_batches", 0), ("eval", "num_samples", 0), ("eval", "max_new_tokens", 1),
+    ("eval", "num_prompts", 0), ("eval", "samples_per_prompt", 1), ("eval", "bon_prompts", 0),
+    ("eval", "bon_n", 1))
 # (section, field, lowest, highest or None, highest included): finite numbers.
 _FLOAT_FIELDS = (
     ("train", "num_epochs", 0.0, None, True), ("optimizer", "lr", 0.0, None, True),
     ("optimizer", "warmup_frac", 0.0, 1.0, True), ("optimizer", "final_lr_ratio", 0.0, 1.0, True),
     ("optimizer", "grad_clip", 0.0, None, True), ("optimizer", "weight_decay", 0.0, None, True),
-    ("optimizer", "b1", 0.0, 1.0, False), ("optimizer", "b2", 0.0, 1.0, False))
+    ("optimizer", "b1", 0.0, 1.0, False), ("optimizer", "b2", 0.0, 1.0, False),
+    ("eval", "temperature", 0.0, None, True))
 
 
 def _is_int(x) -> bool:
@@ -37,8 +41,10 @@ def validate(config, workdir: str) -> None:
   ``stop_after_steps``, ``eval_every``, ``checkpoint_every`` >= 0; ``grad_accum_steps``,
   ``log_every``, ``keep_checkpoints`` >= 1); ``num_epochs`` >= 0; ``config.optimizer``: ``lr``,
   ``grad_clip``, ``weight_decay`` >= 0, ``warmup_steps`` an int >= 0, ``warmup_frac`` and
-  ``final_lr_ratio`` in [0, 1], ``b1``/``b2`` in [0, 1), ``eps`` > 0, all finite. Stage-specific
-  fields are checked by each stage.
+  ``final_lr_ratio`` in [0, 1], ``b1``/``b2`` in [0, 1), ``eps`` > 0, all finite;
+  ``config.eval``: counts >= 0 (``max_new_tokens``, ``samples_per_prompt``, ``bon_n`` >= 1) and
+  ``temperature`` >= 0 (checked here, before training, because the final evaluation uses them).
+  Stage-specific fields are checked by each stage.
 
   Raises:
     ValueError: naming the first bad field (or an empty ``workdir``).

@@ -30,6 +30,10 @@ from llama_jax import stages
     ("optimizer.b1", 1.0, "config.optimizer.b1"),
     ("optimizer.b2", -0.5, "config.optimizer.b2"),
     ("optimizer.eps", 0.0, "config.optimizer.eps"),
+    ("eval.temperature", -1.0, "config.eval.temperature"),
+    ("eval.max_new_tokens", 0, "config.eval.max_new_tokens"),
+    ("eval.num_prompts", -1, "config.eval.num_prompts"),
+    ("eval.samples_per_prompt", 0, "config.eval.samples_per_prompt"),
 ])
 def test_bad_shared_setting_is_rejected_before_anything_is_written(tmp_path, field, value, match):
   config = tiny.get_config()
