@@ -1,4 +1,5 @@
-"""Dispatch of ``config.stage`` to the stage runners (what ``train.py`` calls)."""
+"""Dispatch of ``config.stage`` to the stage runners (what ``train.py`` calls), after one check
+of the settings every stage shares (:func:`validate`)."""
 
 from __future__ import annotations
 
