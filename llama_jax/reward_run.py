@@ -90,7 +90,8 @@ def check_lengths(config, names, builders, tokenizer) -> dict:
 
   Raises:
     ValueError: naming the file and line (file sources) or the world record, the token count
-      and the limit, for the first overlong pair; or for an unknown ``overlong``.
+      and the limit, for the first overlong pair; for an unknown ``overlong``; or naming the
+      source, when no train pair of a source fits (with ``overlong="drop"``).
   """
   rc, max_len = config.reward, config.reward.max_seq_len
   if rc.overlong not in ("error", "drop"):
@@ -101,6 +102,10 @@ def check_lengths(config, names, builders, tokenizer) -> dict:
       records = [pipeline.decode_record(x) for x in b.as_data_source(split=split)]
       s = pipeline.preference_stats(records, tokenizer, max_len)
       stats[f"{name}/{split}"] = s
+      if split == "train" and s["kept"] == 0:  # the batch iterator would wait forever
+        raise ValueError(f"reward source {name!r} (train split): none of its {s['records']} "
+                         f"preference pairs fits config.reward.max_seq_len={max_len} "
+                         f"({s['dropped_overlong']} too long); raise it or drop the source")
       if s["dropped_overlong"] and rc.overlong == "error":
         i, r = next((i, r) for i, r in enumerate(records)
                     if pipeline.preference_example(r, tokenizer, max_len) is None)

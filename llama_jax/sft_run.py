@@ -35,6 +35,34 @@ def total_steps(config, epoch_tokens: int) -> int:
   return max(1, math.ceil(config.train.num_epochs * epoch_tokens / per_step))
 
 
+def check_kept(stats: dict, where: str, max_seq_len: int) -> None:
+  """ValueError if no record of ``stats`` (``pipeline.sft_stats``) survives the filters: the
+  batch iterator would wait forever on a stream that yields nothing."""
+  if stats["kept"] == 0:
+    raise ValueError(
+        f"{where}: none of its {stats['records']} SFT records can be trained on "
+        f"({stats['dropped_overlong']} dropped as longer than config.data.max_seq_len="
+        f"{max_seq_len}, {stats['dropped_no_target']} without an answer token in their first "
+        f"{max_seq_len} tokens, e.g. a longer prompt); raise config.data.max_seq_len, shorten "
+        "the records or drop the source")
+
+
+def train_stats(config, builders, tokenizer) -> dict:
+  """``pipeline.sft_stats`` of the train split summed over the sources.
+
+  Raises:
+    ValueError: naming the source, if one has no usable record (``check_kept``).
+  """
+  names = build.parse_list(config.data.sft_sources, "config.data.sft_sources")
+  total: dict = {}
+  for name, b in zip(names, builders):
+    records = [pipeline.decode_record(x) for x in b.as_data_source(split="train")]
+    s = pipeline.sft_stats(records, tokenizer, config.data.max_seq_len)
+    check_kept(s, f"config.data.sft_sources {name!r} (train split)", config.data.max_seq_len)
+    total = {k: total.get(k, 0) + v for k, v in s.items()}
+  return total
+
+
 def _pad_rows(batch: dict, rows: int) -> dict:
   """Pad a short final batch with empty rows (segment 0, no loss) up to ``rows``."""
   have = len(batch["inputs"])
@@ -52,6 +80,7 @@ class HeldOut:
     self.batch_size = build.per_process_batch(config.data.batch_size)
     self.records = build.heldout_records(builders)
     stats = pipeline.sft_stats(self.records, tokenizer, config.data.max_seq_len)
+    check_kept(stats, "the held-out split of config.data.sft_sources", config.data.max_seq_len)
     per_batch = config.data.batch_size * config.data.max_seq_len
     self.num_batches = config.eval.num_batches or max(1, math.ceil(stats["tokens"] / per_batch))
     self.sources = [b.as_data_source(split="held_out") for b in builders]
@@ -127,8 +156,7 @@ def run(config, workdir: str) -> dict:
     if local_batch % config.train.grad_accum_steps:
       raise ValueError(f"config.data.batch_size per process ({local_batch}) is not divisible by "
                        f"config.train.grad_accum_steps ({config.train.grad_accum_steps})")
-    train_records = [pipeline.decode_record(x) for b in builders for x in b.as_data_source(split="train")]
-    stats = pipeline.sft_stats(train_records, tokenizer, config.data.max_seq_len)
+    stats = train_stats(config, builders, tokenizer)
     steps = total_steps(config, stats["tokens"])
     optimizer = optim.make_optimizer(config.optimizer, steps)
     mesh, rules = build.mesh_and_rules(config)

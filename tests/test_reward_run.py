@@ -170,3 +170,16 @@ def test_hh_rlhf_safety_smoke(tmp_path, hh_rlhf_path, llama2_tokenizer_path):
   stats = json.load(open(tmp_path / "rm_hh" / "data_stats.json"))
   assert stats["hh_rlhf/train"]["dropped_overlong"] > 0  # counted, not silently lost
   assert 0 < out["eval"]["hh_rlhf/pairs"] <= 4  # the first 4 held-out pairs, minus overlong ones
+
+
+def test_every_pair_dropped_fails_before_step_0_naming_the_source(tmp_path):
+  long = [dict(GOOD, prompt=f"count the words {i}: " + " ".join(["apple"] * 200)) for i in range(8)]
+  path = _write(tmp_path / "prefs.jsonl", long)
+  c = _tiny_config(tmp_path, sources="jsonl_preferences", weights="")
+  c.data.preference_jsonl_path = path
+  c.data.tfds_dir, c.data.heldout_fraction = "", 0.3
+  c.reward.overlong = "drop"
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"reward source 'jsonl_preferences' \(train split\): none of its \d+ pref"):
+    reward_run.run(c, workdir)
+  assert not os.path.exists(workdir)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,3 +55,36 @@ def test_unknown_and_unimplemented_stages_fail_clearly(tmp_path):
   assert proc.returncode != 0 and "config.stage must be one of" in proc.stderr
   proc = run_train(tmp_path / "y", *TINY_FLAGS, "--config.traine.lr=1", check=False)
   assert proc.returncode != 0 and "traine" in proc.stderr
+
+
+def _jsonl(path, prompt, n):
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"{prompt} {i}"},
+                                       {"role": "assistant", "content": f"The answer is {i}."}]})
+              + "\n")
+  return str(path)
+
+
+def test_sft_source_without_a_usable_record_fails_before_step_0(tmp_path):
+  # Used to hang: the packed-batch iterator waited forever on a stream that yields nothing.
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from llama_jax import sft_run  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.stage, c.data.sft_sources, c.data.tfds_dir, c.data.heldout_fraction = "sft", "jsonl", "", 0.2
+  # Every prompt is longer than max_seq_len (256): truncation leaves no answer token.
+  c.data.sft_jsonl_path = _jsonl(tmp_path / "sft.jsonl", " ".join(["apple"] * 400), 20)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"'jsonl' \(train split\): none of its \d+ SFT records"
+                                       r" .* raise config.data.max_seq_len"):
+    sft_run.run(c, str(workdir))
+  assert not workdir.exists()
+
+
+def test_check_kept_names_the_split_and_the_counts():
+  from llama_jax import sft_run  # pylint: disable=import-outside-toplevel
+  stats = {"records": 5, "kept": 0, "truncated": 0, "dropped_overlong": 2, "dropped_no_target": 3}
+  with pytest.raises(ValueError, match=r"held-out: none of its 5 SFT records .*\(2 dropped .* 3 "
+                                       r"without an answer token"):
+    sft_run.check_kept(stats, "held-out", 64)
+  sft_run.check_kept(dict(stats, kept=1), "held-out", 64)
