@@ -101,9 +101,7 @@ def plot_curves(metrics_jsonl: str, out_png: str, keys: Sequence[str] = ("loss",
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
   """A markdown table of ``rows`` (dicts) over ``columns``; floats with 3 decimals."""
   fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
+  return _table(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows])
 
 
 def _ci(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
@@ -116,7 +114,8 @@ def _ci(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
   return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
+  """A markdown table of ``lines`` (lists of cells, ``str()`` each) under ``header``."""
   out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   out += ["| " + " | ".join(str(x) for x in line) + " |" for line in lines]
   return "\n".join(out)

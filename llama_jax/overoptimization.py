@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from llama_jax import rejection_sampling as rs_lib
+
 
 def bon_kl(n: int) -> float:
   """KL(best-of-n || initial policy) in nats: ``log n - (n - 1) / n`` (exact for a continuous
@@ -32,19 +34,12 @@ def bon_kl(n: int) -> float:
   return math.log(n) - (n - 1) / n
 
 
-def _pick_weights(k: int, n: int) -> np.ndarray:
-  """[k] P(the i-th smallest (0-based) of k is the largest of a uniformly random n-subset)
-  ``= C(i, n - 1) / C(k, n)``."""
-  total = math.comb(k, n)
-  return np.asarray([math.comb(i, n - 1) / total for i in range(k)], np.float64)
-
-
 def best_of_n_curve(proxy, gold, ns: Optional[Sequence[int]] = None) -> Dict[str, list]:
   """Expected proxy and gold reward of the best-of-n pick (by proxy), averaged over prompts.
 
   For each prompt the k samples are ranked by proxy reward (ties in the order given); the pick
   of a uniformly random n-subset is its highest-ranked member, so the expectation over all
-  ``C(k, n)`` subsets is a weighted sum over ranks (:func:`_pick_weights`), with no resampling
+  ``C(k, n)`` subsets is a weighted sum over ranks (``rejection_sampling.order_stat_weights`` with j = n), with no resampling
   noise.
 
   Args:
@@ -72,7 +67,7 @@ def best_of_n_curve(proxy, gold, ns: Optional[Sequence[int]] = None) -> Dict[str
   g_sorted = np.take_along_axis(gold, order, axis=1)
   out: Dict[str, list] = {"n": [], "kl": [], "sqrt_kl": [], "proxy": [], "gold": []}
   for n in ns:
-    w = _pick_weights(k, int(n))
+    w = rs_lib.order_stat_weights(k, int(n), int(n))
     out["n"].append(int(n))
     out["kl"].append(bon_kl(int(n)))
     out["sqrt_kl"].append(math.sqrt(bon_kl(int(n))))

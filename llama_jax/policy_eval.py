@@ -90,15 +90,15 @@ def sample_rows(params, ref_params, cfg, tokenizer, prompts, *, max_new_tokens: 
   Returns:
     dict, rows in prompt-major order (row ``i * samples_per_prompt + j`` is completion ``j`` of
     prompt ``i``): ``texts`` [n] str, ``finished`` [n] bool, ``lengths`` [n] int (tokens, EOS
-    included), ``kl`` [n] float64 (sum over the row's tokens of ``log pi - log pi_ref`` at
-    temperature 1, the k1 estimator), ``tokens`` [n] int (tokens in that sum).
+    included), ``kl`` [n] float64 (sum over the row's ``lengths`` tokens of ``log pi -
+    log pi_ref`` at temperature 1, the k1 estimator).
   Raises:
     ValueError: if ``samples_per_prompt`` < 1.
   """
   if samples_per_prompt < 1:
     raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
   prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-  out: Dict[str, list] = {"texts": [], "finished": [], "lengths": [], "kl": [], "tokens": []}
+  out: Dict[str, list] = {"texts": [], "finished": [], "lengths": [], "kl": []}
   for start in range(0, len(prompts), batch_size):
     ids = [tokenizer.encode_dialog(list(p))[0].tolist() for p in prompts[start:start + batch_size]]
     longest = -(-max(len(x) for x in ids) // 16) * 16
@@ -117,7 +117,6 @@ def sample_rows(params, ref_params, cfg, tokenizer, prompts, *, max_new_tokens: 
       out["kl"] += np.sum(np.where(m, diff, 0.0), axis=1).tolist()
     else:
       out["kl"] += [0.0] * len(ids)
-    out["tokens"] += lengths.tolist()
     out["texts"] += sampling.decode(gen, tokenizer)
     out["finished"] += np.asarray(gen.finished).tolist()
     out["lengths"] += lengths.tolist()
@@ -315,7 +314,7 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
       judged[key][suffix] = _judged(prompts, rws, kk, is_world, sc["rc"])
       row.update(_metrics(judged[key][suffix], rws, kk, suffix, is_world, threshold,
                           sc["r_safe"]))
-    row["kl_to_sft"] = float(np.sum(sampled["kl"]) / max(np.sum(sampled["tokens"]), 1))
+    row["kl_to_sft"] = float(np.sum(sampled["kl"]) / max(np.sum(sampled["lengths"]), 1))
     if is_world:
       row["per_task"] = evaluation.oracle_report(prompts, greedy["texts"],
                                                  greedy["finished"])["per_task"]

@@ -257,7 +257,8 @@ class HeldOut:
       if self.sft is not None:
         out["kl_sft"] = self._seq_kl(params, self.sft, ro, mask)
     if self.config.tokenizer.path == "world":
-      gold = scoring.oracle_scores(self.prompts.messages, texts)["gold"]
+      gold = (scores["gold"] if "gold" in scores  # the oracle is the reward: scored already
+              else scoring.oracle_scores(self.prompts.messages, texts)["gold"])
       out["gold"] = done(gold)
       rep = evaluation.oracle_report(self.prompts.messages, texts, finished)
       out.update(helpfulness=rep["helpfulness"], refusal_rate=rep["refusal_rate"],

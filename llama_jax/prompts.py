@@ -34,18 +34,25 @@ def file_stream_of(messages, num_streams: int, seed: int) -> int:
   return int.from_bytes(digest, "big") % num_streams
 
 
+def _is_world(config) -> bool:
+  return config.tokenizer.path == "world" or config.data.sft_sources == "world"
+
+
+def _num_streams(config) -> int:
+  return int(config.data.get("prompt_streams", 8))
+
+
 def stream_of(config, record) -> int:
   """The stream of a prompt record under ``config`` (world: its last user text; files: the
   dialog)."""
-  if config.tokenizer.path == "world" or config.data.sft_sources == "world":
+  if _is_world(config):
     users = [m["content"] for m in record["prompt"] if m["role"] == "user"]
     return world.stream_of(build.world_config(config), users[-1])
-  return file_stream_of(record["prompt"], int(config.data.get("prompt_streams", 8)),
-                        config.data.split_seed)
+  return file_stream_of(record["prompt"], _num_streams(config), config.data.split_seed)
 
 
 def _check_stream(config, stream: int) -> None:
-  n = int(config.data.get("prompt_streams", 8))
+  n = _num_streams(config)
   if n < 1:
     raise ValueError(f"config.data.prompt_streams must be >= 1, got {n}")
   if not -1 <= stream < n:
@@ -70,12 +77,11 @@ def load_prompts(config, workdir: str, split: str, n: int, *, stream: int = -1,
     ValueError: for an unknown source, a bad stream, or when no prompt is found.
   """
   _check_stream(config, stream)
-  if config.tokenizer.path == "world" or config.data.sft_sources == "world":
+  if _is_world(config):
     out = world.sample_prompts(build.world_config(config), split, n,
                                stream=None if stream < 0 else stream, distinct=distinct)
   else:
     out, seen = [], set()
-    num_streams = int(config.data.get("prompt_streams", 8))
     for name in build.parse_list(config.data.sft_sources, "config.data.sft_sources"):
       if name not in PROMPT_SOURCES:
         raise ValueError(f"config.data.sft_sources: no prompts for source {name!r}")
@@ -83,8 +89,7 @@ def load_prompts(config, workdir: str, split: str, n: int, *, stream: int = -1,
       for x in b.as_data_source(split=split):
         r = pipeline.decode_record(x)
         key = prompt_key(r["prompt"])
-        if key in seen or (stream >= 0 and file_stream_of(r["prompt"], num_streams,
-                                                          config.data.split_seed) != stream):
+        if key in seen or (stream >= 0 and stream_of(config, r) != stream):
           continue
         seen.add(key)
         out.append(r)

@@ -246,16 +246,19 @@ def to_sft_records(best: Mapping[str, Record]) -> List[Dict[str, Any]]:
           for _, r in sorted(best.items())]
 
 
-def _expected_order_stat(sorted_row: np.ndarray, n: int, j: int) -> float:
-  """E[j-th smallest (1-based) of a uniformly random n-subset] of the ascending ``sorted_row``.
-
-  P(the i-th smallest of K (1-based) is the j-th smallest of the subset) =
-  C(i-1, j-1) C(K-i, n-j) / C(K, n).
-  """
-  k = len(sorted_row)
+def order_stat_weights(k: int, n: int, j: int) -> np.ndarray:
+  """[k] float64: entry ``i - 1`` is P(the i-th smallest of k values (1-based) is the j-th
+  smallest of a uniformly random n-subset) ``= C(i-1, j-1) C(k-i, n-j) / C(k, n)``; so
+  ``sorted_row @ weights`` is the exact expected j-th order statistic of an n-subset (j = n: the
+  subset's max, i.e. the best-of-n pick). Requires ``1 <= j <= n <= k``."""
   total = math.comb(k, n)
-  return sum(sorted_row[i - 1] * math.comb(i - 1, j - 1) * math.comb(k - i, n - j)
-             for i in range(1, k + 1)) / total
+  return np.asarray([math.comb(i - 1, j - 1) * math.comb(k - i, n - j) / total
+                     for i in range(1, k + 1)], np.float64)
+
+
+def _expected_order_stat(sorted_row: np.ndarray, n: int, j: int) -> float:
+  """E[j-th smallest (1-based) of a uniformly random n-subset] of the ascending ``sorted_row``."""
+  return float(np.asarray(sorted_row, np.float64) @ order_stat_weights(len(sorted_row), n, j))
 
 
 def reward_vs_n(scores, ns: Optional[Sequence[int]] = None,

@@ -76,9 +76,8 @@ def score_dialogs(rcfg, help_params, safe_params, tokenizer, prompts: Sequence[S
       r_safe.append(np.asarray(_score(safe_params, tokens, mask, cfg=rcfg))[:len(chunk)])
   h = np.concatenate(r_help).astype(np.float64) if rows else np.zeros(0)
   s = np.concatenate(r_safe).astype(np.float64) if safe_params is not None and rows else h
-  rc = np.asarray(rl.combined_reward(h, s, np.asarray(is_safety, bool), threshold), np.float64)
-  if safe_params is None:
-    rc = h
+  rc = h if safe_params is None else np.asarray(
+      rl.combined_reward(h, s, np.asarray(is_safety, bool), threshold), np.float64)
   return {"r_help": h, "r_safe": s, "rc": rc}
 
 

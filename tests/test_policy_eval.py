@@ -50,7 +50,7 @@ def test_sample_rows_and_kl_against_a_token_level_reference(tokenizer):
       lo = jax.nn.log_softmax(policy_eval.ppo.forward(other, seq, CFG)[0, -1])[new[t]]
       want += float(lp - lo)
     assert rows2["kl"][i] == pytest.approx(want, abs=2e-4)
-    assert rows2["tokens"][i] == len(new)
+    assert rows2["lengths"][i] == len(new)
   greedy = policy_eval.sample_rows(params, None, CFG, tokenizer, prompts, max_new_tokens=6,
                                    temperature=0.0)
   assert len(greedy["texts"]) == 3
