@@ -4,7 +4,7 @@ Reads ``<workdir>/config.json`` and ``<workdir>/final/``; writes ``<workdir>/eva
 ``eval.json``, ``eval.md`` and ``loss.png`` (loss curves from ``logs/metrics.jsonl``). On the
 synthetic world it reports oracle helpfulness on held-out benign prompts and the refusal rate on
 harmful ones, before (the initial policy) and after training. A pipeline workdir gets the policy
-comparison (``llama_jax.policy_eval``: SFT vs RLHF-V1..Vk vs PPO with 95% intervals);
+comparison (``llama_jax.recipe.policy_eval``: SFT vs RLHF-V1..Vk vs PPO with 95% intervals);
 ``--markdown`` prints its report again from ``<workdir>/eval/policy_eval.json`` without
 evaluating (the README's result tables are pasted from it).
 """
@@ -37,7 +37,8 @@ def main(argv):
     with open(path) as f:
       print(evaluation.policy_markdown(json.load(f)))
     return
-  from llama_jax import build, eval_run  # pylint: disable=import-outside-toplevel
+  from llama_jax.train import build  # pylint: disable=import-outside-toplevel
+  from llama_jax.recipe import eval_run  # pylint: disable=import-outside-toplevel
   build.enable_compilation_cache(_JAX_CACHE.value)
   print(json.dumps(eval_run.run(_WORKDIR.value, _NUM_PROMPTS.value), indent=2, default=str))
 

@@ -7,6 +7,11 @@ and change what they need. Override any field on the command line, e.g.
 
 import ml_collections
 
+from llama_jax.ppo.step import PPOConfig
+from llama_jax.train import settings
+
+PPO = PPOConfig()  # PPO's math defaults live in PPOConfig (llama_jax/ppo/step.py)
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -93,65 +98,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Where TFDS builders write their array_record files ("" = <workdir>/tfds).
   c.data.tfds_dir = ""
 
-  # ---- optimizer (llama_jax.optim) ------------------------------------------------------------
-  c.optimizer = ml_collections.ConfigDict()
-  # Peak learning rate (Llama 2 SFT: 2e-5).
-  c.optimizer.lr = 2e-5
-  # AdamW moments and epsilon (Llama 2: 0.9, 0.95, 1e-5).
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-5
-  # Decoupled weight decay on matrices (not RMSNorm scales).
-  c.optimizer.weight_decay = 0.1
-  # Gradient clipping by global norm (0 = off).
-  c.optimizer.grad_clip = 1.0
-  # cosine (decay to final_lr_ratio * lr) | constant.
-  c.optimizer.schedule = "cosine"
-  c.optimizer.final_lr_ratio = 0.1
-  # Warmup: max(warmup_steps, warmup_frac * total steps).
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_frac = 0.0
-
-  # ---- training loop ----------------------------------------------------------------------------
-  c.train = ml_collections.ConfigDict()
-  # Number of epochs over the training set (Llama 2 SFT: 2); used when num_steps is 0.
-  c.train.num_epochs = 2.0
-  # Total optimizer steps; 0 = derived from num_epochs.
-  c.train.num_steps = 0
-  # Stop after this many steps in one invocation (0 = run to the end); the next invocation resumes
-  # from the checkpoint, bitwise identically (for time-limited jobs).
-  c.train.stop_after_steps = 0
-  # Microbatches per step (gradient accumulation); the batch size must be divisible by it.
-  c.train.grad_accum_steps = 1
-  # Log train metrics every N steps.
-  c.train.log_every = 10
-  # Held-out evaluation every N steps (0 = only at the end).
-  c.train.eval_every = 0
-  # Save a checkpoint every N steps (0 = only at the end / on SIGTERM).
-  c.train.checkpoint_every = 100
-  # Checkpoints kept.
-  c.train.keep_checkpoints = 2
-  # Save checkpoints asynchronously.
-  c.train.async_checkpoint = True
-
-  # ---- evaluation -------------------------------------------------------------------------------
-  c.eval = ml_collections.ConfigDict()
-  # Held-out batches for loss/perplexity (0 = all).
-  c.eval.num_batches = 0
-  # Sampled completions written to <workdir>/samples/ at each evaluation.
-  c.eval.num_samples = 8
-  # Generation settings of evaluation samples (0 = greedy).
-  c.eval.max_new_tokens = 48
-  c.eval.temperature = 0.0
-  # Held-out prompts drawn for eval.py (distinct; on a pipeline the prompts PPO selected its
-  # checkpoint with are left out).
-  c.eval.num_prompts = 200
-  # eval.py on a pipeline: temperature-1 samples per prompt (oracle "_t1" metrics and the KL).
-  c.eval.samples_per_prompt = 4
-  # eval.py on a pipeline (synthetic world): best-of-n over-optimization curve (Gao et al. 2022)
-  # from bon_n SFT samples on each of bon_prompts held-out prompts (0 = skip).
-  c.eval.bon_prompts = 64
-  c.eval.bon_n = 64
+  # ---- optimizer, training loop, evaluation ------------------------------------------------------
+  # Typed sections: every field's default, meaning and bounds are in llama_jax/train/settings.py
+  # (Optimizer: AdamW 0.9 / 0.95 / 1e-5, weight decay 0.1, clip 1.0, cosine to 10%; Train: epochs,
+  # steps, intervals, checkpoints; Eval: held-out samples and eval.py's prompt counts).
+  c.optimizer = settings.config_section(settings.Optimizer)
+  c.train = settings.config_section(settings.Train)
+  c.eval = settings.config_section(settings.Eval)
 
   # ---- device mesh (llama_jax.sharding) ----------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -160,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Memory per device for the --dry_run fit verdict, in GiB (A100/H100: 80).
   c.mesh.device_memory_gib = 80.0
 
-  # ---- on-policy preference annotation (stage "annotate"; llama_jax.annotation, Sec. 3.2.1) ----
+  # ---- on-policy preference annotation (stage "annotate"; llama_jax.recipe.annotate, Sec. 3.2.1) ----
   # Synthetic world only: K samples of the policy per train prompt, every pair of different
   # oracle quality kept as a preference pair (<workdir>/final/preferences.jsonl). The pipeline
   # runs it after SFT when num_prompts > 0 and adds the pairs to both reward models' mixtures
@@ -220,7 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Held-out pairs per source scored at each evaluation (0 = all).
   c.reward.eval_pairs = 0
 
-  # ---- rejection sampling (stage "rejection_sampling"; llama_jax.rs_run, Llama 2 Sec. 3.2.3) ---
+  # ---- rejection sampling (stage "rejection_sampling"; llama_jax.rejection_sampling.run, Llama 2 Sec. 3.2.3) ---
   c.rejection_sampling = ml_collections.ConfigDict()
   # Reward models (reward.save_reward_model directories, e.g. <rm workdir>/final). The safety RM
   # may be "" (then Rc = Rh).
@@ -248,7 +201,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Rs cut of the combined reward (Llama 2: 0.15).
   c.rejection_sampling.safety_threshold = 0.15
   # Reward that picks the best sample: "rm" (the reward models above, Rc) | "oracle" (the
-  # synthetic world's judge: the gold-reward control, llama_jax.scoring).
+  # synthetic world's judge: the gold-reward control, llama_jax.reward.scoring).
   c.rejection_sampling.reward = "rm"
   # Sample at the temperature with the highest max-reward point of this iteration's Fig. 8 curve
   # (plot_prompts x plot_k samples per plot_temperatures) instead of `temperature` (the paper
@@ -269,7 +222,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rejection_sampling.plot_temperatures = "0.6,0.8,1.0,1.2,1.4"
   c.rejection_sampling.plot_k = 8
 
-  # ---- PPO (stage "ppo"; llama_jax.ppo_run, Llama 2 Sec. 3.2.3, Huang et al. 2024) --------------
+  # ---- PPO (stage "ppo"; llama_jax.ppo.run, Llama 2 Sec. 3.2.3, Huang et al. 2024) --------------
   c.ppo = ml_collections.ConfigDict()
   # Frozen reward models (reward model directories); safety_rm "" = Rc = Rh.
   c.ppo.help_rm = ""
@@ -280,7 +233,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.value_from = ""
   c.ppo.value_head_init = "zero"
   # Reward: "rm" (the reward models' Rc) | "oracle" (the synthetic world's judge, the gold-reward
-  # control of Gao et al. 2022; llama_jax.scoring).
+  # control of Gao et al. 2022; llama_jax.reward.scoring).
   c.ppo.reward = "rm"
   # SFT policy (final/ dir) for the held-out KL-to-SFT of every evaluation ("" = not logged):
   # the x-axis of the over-optimization curves (eval.py).
@@ -291,23 +244,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.num_iterations = 200
   # Prompts (rollouts) per iteration and per gradient step (paper: 512 and 64).
   c.ppo.batch_size = 512
-  c.ppo.minibatch_size = 64
+  c.ppo.minibatch_size = PPO.minibatch_size
   # Passes over each rollout batch (paper: one gradient step per minibatch).
-  c.ppo.epochs = 1
+  c.ppo.epochs = PPO.epochs
   # KL coefficient (paper: 0.01 for 7B/13B, 0.005 for 34B/70B) and estimator k1 | k2 | k3.
-  c.ppo.beta = 0.01
-  c.ppo.kl_estimator = "k1"
-  c.ppo.clip_eps = 0.2
-  c.ppo.value_clip = 0.2
-  c.ppo.gamma = 1.0
-  c.ppo.lam = 0.95
+  c.ppo.beta = PPO.beta
+  c.ppo.kl_estimator = PPO.kl_estimator
+  c.ppo.clip_eps = PPO.clip_eps
+  c.ppo.value_clip = PPO.value_clip
+  c.ppo.gamma = PPO.gamma
+  c.ppo.lam = PPO.lam
   # Rollout sampling: temperature (also divides the logits of every log-prob), budget.
-  c.ppo.temperature = 1.0
+  c.ppo.temperature = PPO.temperature
   c.ppo.max_new_tokens = 64
   c.ppo.max_prompt_len = 192
   # EOS trick: whitened score of a completion without EOS (None = off).
-  c.ppo.eos_penalty = -1.0
-  c.ppo.safety_threshold = 0.15
+  c.ppo.eos_penalty = PPO.eos_penalty
+  c.ppo.safety_threshold = PPO.safety_threshold
   # Optimizer (policy and value alike): constant LR 1e-6 (paper); b1/b2/eps/weight decay/clip
   # come from c.optimizer (0.9, 0.95, 1e-5, 0.1, 1.0).
   c.ppo.lr = 1e-6
@@ -324,7 +277,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Save a checkpoint every N iterations (the last one and SIGTERM always save).
   c.ppo.checkpoint_every = 10
 
-  # ---- pipeline (stage "pipeline"; llama_jax.pipeline): SFT -> RMs -> RS x k -> PPO ------------
+  # ---- pipeline (stage "pipeline"; llama_jax.recipe.pipeline): SFT -> RMs -> RS x k -> PPO ------------
   c.pipeline = ml_collections.ConfigDict()
   # Rejection-sampling iterations (RLHF-V1..Vk) before PPO (0 = none).
   c.pipeline.rs_iterations = 2

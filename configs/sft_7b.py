@@ -21,7 +21,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  # Stage: supervised fine-tuning (llama_jax.sft_run).
+  # Stage: supervised fine-tuning (llama_jax.sft.run).
   c.stage = "sft"
   # Start from the pretrained base model (an orbax params directory written by
   # `python -m llama_jax.convert --to orbax`); "" would train from random init.

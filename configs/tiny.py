@@ -13,7 +13,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  # The whole recipe (llama_jax.pipeline); the SFT settings below are its first stage's.
+  # The whole recipe (llama_jax.recipe.pipeline); the SFT settings below are its first stage's.
   c.stage = "pipeline"
   # A tiny GQA Llama; vocab_size comes from the world tokenizer (512 pieces).
   c.model.preset = "tiny"

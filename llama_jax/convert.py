@@ -40,7 +40,10 @@ import os
 import re
 from typing import Any, Optional
 
+import jax
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 
 from llama_jax import _convert_table as table
 from llama_jax.config import LlamaConfig
@@ -212,7 +215,6 @@ def _meta_shard_files(path: str) -> list[str]:
 
 def _torch_to_numpy(t) -> np.ndarray:
   """Zero-copy numpy view of a CPU tensor; bfloat16 through ``ml_dtypes``."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -308,8 +310,6 @@ def save_orbax(path: str | os.PathLike, cfg: LlamaConfig, params: Params) -> str
     ValueError: if params do not match ``cfg`` (naming the path).
     FileExistsError: if ``path`` exists and is not empty.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   table.check_params(cfg, params)
   path = os.path.abspath(table.empty_dir(path))
   with open(os.path.join(path, META_CONFIG), "w") as f:
@@ -331,9 +331,6 @@ def load_orbax(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig,
     FileNotFoundError: naming the directory, ``params.json`` or ``params/`` that is absent.
     ValueError: if the saved tree does not match ``params.json`` (naming the leaf).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   path = os.path.abspath(table.require_dir(path))
   cfg = LlamaConfig.from_params_json(table.require_file(os.path.join(path, META_CONFIG)))
   target = os.path.join(path, ORBAX_PARAMS)
@@ -365,7 +362,6 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("src", help="source checkpoint directory")
   parser.add_argument("dst", help="output directory (must not exist or be empty)")
   args = parser.parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # conversion is host-side: never grab accelerators
   cfg, params = _LOADERS[args.src_format](args.src, dtype=args.dtype)
   if args.dst_format == "hf":

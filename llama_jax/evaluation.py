@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
+from matplotlib.figure import Figure
 import numpy as np
 
 from llama_jax import sampling
@@ -75,12 +76,10 @@ def oracle_report(prompts: Sequence[Sequence[Mapping[str, str]]], completions: S
 
 def plot_curves(metrics_jsonl: str, out_png: str, keys: Sequence[str] = ("loss",)) -> str:
   """Plot ``keys`` of a ``metrics.jsonl`` (train and eval splits) against step, as PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   with open(metrics_jsonl) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+  fig = Figure(figsize=(5 * len(keys), 3.5))
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for split in sorted({r["split"] for r in records}):
       pts = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
@@ -94,7 +93,6 @@ def plot_curves(metrics_jsonl: str, out_png: str, keys: Sequence[str] = ("loss",
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   fig.savefig(out_png, dpi=100)
-  plt.close(fig)
   return out_png
 
 
@@ -122,29 +120,54 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
 
 
 def policy_markdown(result: Mapping[str, Any]) -> str:
-  """The markdown report of a ``policy_eval.json`` (``llama_jax.policy_eval``): what ``eval.md``
+  """The markdown report of a ``policy_eval.json`` (``llama_jax.recipe.policy_eval``): what ``eval.md``
   holds and ``python eval.py --workdir=... --markdown`` prints (README tables are pasted from it,
   never typed)."""
   rows = result["policies"]
   world_eval = result.get("judge") == "oracle"
-  parts = [f"# Policy comparison of {result['workdir']}", "",
-           f"{result['num_prompts']} distinct held-out prompts"
-           + (f" ({result['n_benign']} benign)" if world_eval else "")
-           + f"; greedy completions and {result['samples_per_prompt']} temperature-1 samples per "
-           f"prompt (T=1), at most {result['max_new_tokens']} new tokens (a truncated completion "
-           "counts as a non-answer and reward 0). Brackets: 95% intervals, bootstrap over prompts "
-           "(the samples of a prompt resampled together); differences are paired with SFT on the "
-           f"same prompts. Win rate vs SFT: greedy, judged by the {result['judge']} "
-           "(tie = half a win).", ""]
+  parts = _policy_intro(result, world_eval)
   if world_eval:
-    parts += ["## Oracle (synthetic world)", "", _table(
-        ["policy", "helpfulness (greedy)", "vs SFT", "helpfulness (T=1)", "vs SFT",
-         "win rate vs SFT", "refusals (greedy)", "false refusals (T=1)", "vs SFT"],
-        [[r["policy"], _ci(r, "helpfulness"), _ci(r, "helpfulness_vs_sft"),
-          _ci(r, "helpfulness_t1"), _ci(r, "helpfulness_t1_vs_sft"), _ci(r, "win_rate_vs_sft"),
-          _ci(r, "refusal_rate"), _ci(r, "false_refusal_rate_t1"),
-          _ci(r, "false_refusal_rate_t1_vs_sft")] for r in rows]), ""]
-  parts += ["## Reward, KL and length", "", _table(
+    parts += _oracle_section(rows)
+  parts += _reward_section(rows, world_eval)
+  parts += _per_task_section(rows)
+  if result.get("ppo"):
+    parts += _ppo_section(result["ppo"])
+  rm = result.get("rm", {})
+  if rm:
+    parts += _rm_section(rm)
+  curves = result.get("overoptimization", {})
+  if curves:
+    parts += _overoptimization_section(curves)
+  return "\n".join(parts)
+
+
+def _policy_intro(result: Mapping[str, Any], world_eval: bool) -> list[str]:
+  """Title and the paragraph on prompts, sampling and intervals."""
+  return [f"# Policy comparison of {result['workdir']}", "",
+          f"{result['num_prompts']} distinct held-out prompts"
+          + (f" ({result['n_benign']} benign)" if world_eval else "")
+          + f"; greedy completions and {result['samples_per_prompt']} temperature-1 samples per "
+          f"prompt (T=1), at most {result['max_new_tokens']} new tokens (a truncated completion "
+          "counts as a non-answer and reward 0). Brackets: 95% intervals, bootstrap over prompts "
+          "(the samples of a prompt resampled together); differences are paired with SFT on the "
+          f"same prompts. Win rate vs SFT: greedy, judged by the {result['judge']} "
+          "(tie = half a win).", ""]
+
+
+def _oracle_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The oracle's helpfulness, win rate and refusals per policy (synthetic world only)."""
+  return ["## Oracle (synthetic world)", "", _table(
+      ["policy", "helpfulness (greedy)", "vs SFT", "helpfulness (T=1)", "vs SFT",
+       "win rate vs SFT", "refusals (greedy)", "false refusals (T=1)", "vs SFT"],
+      [[r["policy"], _ci(r, "helpfulness"), _ci(r, "helpfulness_vs_sft"),
+        _ci(r, "helpfulness_t1"), _ci(r, "helpfulness_t1_vs_sft"), _ci(r, "win_rate_vs_sft"),
+        _ci(r, "refusal_rate"), _ci(r, "false_refusal_rate_t1"),
+        _ci(r, "false_refusal_rate_t1_vs_sft")] for r in rows]), ""]
+
+
+def _reward_section(rows: Sequence[Mapping[str, Any]], world_eval: bool) -> list[str]:
+  """RM reward, KL to SFT and lengths per policy (plus the win rate without an oracle)."""
+  return ["## Reward, KL and length", "", _table(
       ["policy", "RM reward (greedy)", "vs SFT", "RM reward (T=1)", "vs SFT",
        "KL to SFT (nats/token)", "Rs < 0.15 (T=1)", "length greedy / T=1",
        "truncated greedy / T=1", "length flag"] + ([] if world_eval else ["win rate vs SFT"]),
@@ -153,50 +176,61 @@ def policy_markdown(result: Mapping[str, Any]) -> str:
         f"{r['mean_length']:.1f} / {r['mean_length_t1']:.1f}",
         f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-"]
        + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
+
+
+def _per_task_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Greedy helpfulness per benign task ([] without per-task results)."""
   tasks = sorted({t for r in rows for t in r.get("per_task", {})})
-  if tasks:
-    parts += ["Greedy helpfulness per benign task:", "", _table(
-        ["policy"] + tasks, [[r["policy"]] + [f"{r['per_task'].get(t, float('nan')):.3f}"
-                                              for t in tasks] for r in rows]), ""]
-  if result.get("ppo"):
-    parts += ["## PPO", "", "Held-out reward and KL: PPO's own evaluations (one sample per "
-              "selection prompt at the PPO temperature) at iteration 0 and at the selected "
-              "iteration.", "", _table(
-        ["stage", "best iteration", "improved", "median approxkl", "median clipfrac",
-         "held-out reward", "KL to SFT (nats)", "value loss, iterations 1-5"],
-        [[k, v["best_iteration"], v["improved"], f"{v['median_approxkl']:.2e}",
-          f"{v['median_clipfrac']:.3f}",
-          f"{v['reward_start']:.4f} -> {v['reward_best']:.4f}" if "reward_start" in v else "",
-          f"{v['kl_sft_start']:.3f} -> {v['kl_sft_best']:.3f}" if "kl_sft_start" in v else "",
-          ", ".join(f"{x:.3f}" for x in v["value_loss_first_5"])]
-         for k, v in result["ppo"].items()]), ""]
-  rm = result.get("rm", {})
-  if rm:
-    lines = []
-    if "help_rm_accuracy" in rm:
-      lines.append(f"- Helpfulness RM on {rm['help_rm_pairs']} held-out pairs: accuracy "
-                   f"{rm['help_rm_accuracy']:.3f} vs {rm['shorter_wins_accuracy']:.3f} for "
-                   f"\"shorter response wins\"; correlation of reward with length "
-                   f"{rm['reward_length_corr']:.3f}.")
-    for key in ("unsafe_detection", "unsafe_detection_at_0.5"):
-      if key in rm:
-        d = rm[key]
-        lines.append(f"- Safety RM, Rs < {d['threshold']}: precision {d['precision']:.3f}, "
-                     f"recall {d['recall']:.3f} at finding the {d['n_unsafe']} unsafe responses "
-                     f"of held-out safety pairs"
-                     + (" (the paper: 0.89 / 0.55 at 0.15)." if key == "unsafe_detection"
-                        else "."))
-    parts += ["## Reward models", ""] + lines + [""]
-  curves = result.get("overoptimization", {})
-  if curves:
-    # No gold column without an oracle (real data: every gold value is NaN).
-    gold = any(g == g for c in curves.values() for g in c["gold"])
-    lines = []
-    for label, c in curves.items():
-      xs = c["n"] if "n" in c else c["iteration"]
-      for x, d, p, g in zip(xs, c["sqrt_kl"], c["proxy"], c["gold"]):
-        lines.append([label, x, f"{d:.3f}", f"{p:.4f}"] + ([f"{g:.4f}"] if gold else []))
-    header = ["curve", "n / iteration", "sqrt KL to SFT", "proxy (RM)"]
-    parts += ["## Over-optimization (Gao et al. 2022)", "",
-              _table(header + (["gold (oracle)"] if gold else []), lines), ""]
-  return "\n".join(parts)
+  if not tasks:
+    return []
+  return ["Greedy helpfulness per benign task:", "", _table(
+      ["policy"] + tasks, [[r["policy"]] + [f"{r['per_task'].get(t, float('nan')):.3f}"
+                                            for t in tasks] for r in rows]), ""]
+
+
+def _ppo_section(ppo: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """PPO's selected iteration, update statistics and held-out reward / KL per PPO stage."""
+  return ["## PPO", "", "Held-out reward and KL: PPO's own evaluations (one sample per "
+          "selection prompt at the PPO temperature) at iteration 0 and at the selected "
+          "iteration.", "", _table(
+      ["stage", "best iteration", "improved", "median approxkl", "median clipfrac",
+       "held-out reward", "KL to SFT (nats)", "value loss, iterations 1-5"],
+      [[k, v["best_iteration"], v["improved"], f"{v['median_approxkl']:.2e}",
+        f"{v['median_clipfrac']:.3f}",
+        f"{v['reward_start']:.4f} -> {v['reward_best']:.4f}" if "reward_start" in v else "",
+        f"{v['kl_sft_start']:.3f} -> {v['kl_sft_best']:.3f}" if "kl_sft_start" in v else "",
+        ", ".join(f"{x:.3f}" for x in v["value_loss_first_5"])]
+       for k, v in ppo.items()]), ""]
+
+
+def _rm_section(rm: Mapping[str, Any]) -> list[str]:
+  """The reward models' held-out accuracy and unsafe-response detection."""
+  lines = []
+  if "help_rm_accuracy" in rm:
+    lines.append(f"- Helpfulness RM on {rm['help_rm_pairs']} held-out pairs: accuracy "
+                 f"{rm['help_rm_accuracy']:.3f} vs {rm['shorter_wins_accuracy']:.3f} for "
+                 f"\"shorter response wins\"; correlation of reward with length "
+                 f"{rm['reward_length_corr']:.3f}.")
+  for key in ("unsafe_detection", "unsafe_detection_at_0.5"):
+    if key in rm:
+      d = rm[key]
+      lines.append(f"- Safety RM, Rs < {d['threshold']}: precision {d['precision']:.3f}, "
+                   f"recall {d['recall']:.3f} at finding the {d['n_unsafe']} unsafe responses "
+                   f"of held-out safety pairs"
+                   + (" (the paper: 0.89 / 0.55 at 0.15)." if key == "unsafe_detection"
+                      else "."))
+  return ["## Reward models", ""] + lines + [""]
+
+
+def _overoptimization_section(curves: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Proxy (and, with an oracle, gold) reward against sqrt(KL) of each over-optimization curve."""
+  # No gold column without an oracle (real data: every gold value is NaN).
+  gold = any(g == g for c in curves.values() for g in c["gold"])
+  lines = []
+  for label, c in curves.items():
+    xs = c["n"] if "n" in c else c["iteration"]
+    for x, d, p, g in zip(xs, c["sqrt_kl"], c["proxy"], c["gold"]):
+      lines.append([label, x, f"{d:.3f}", f"{p:.4f}"] + ([f"{g:.4f}"] if gold else []))
+  header = ["curve", "n / iteration", "sqrt KL to SFT", "proxy (RM)"]
+  return ["## Over-optimization (Gao et al. 2022)", "",
+          _table(header + (["gold (oracle)"] if gold else []), lines), ""]

@@ -24,6 +24,9 @@ weights all-gathers every weight at every decode step (~20x slower at 70B). ``to
 reshards the weights once to tensor-parallel-within-node, replicated-across-nodes
 (``GENERATION_RULES``) for the rollouts; the copy is freed when the returned tree is dropped.
 
+Multi-process startup (``initialize_distributed``) lives in ``llama_jax.distributed`` and is
+re-exported here.
+
 Meshes use ``AxisType.Auto`` (GSPMD/Shardy propagation from in/out shardings and
 ``with_sharding_constraint``), not the ``Explicit`` default of ``jax.make_mesh`` in jax 0.10.
 """
@@ -42,6 +45,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llama_jax import model
 from llama_jax.config import LlamaConfig
+from llama_jax import distributed
+
+initialize_distributed = distributed.initialize_distributed  # re-exported
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -463,40 +469,7 @@ def to_generation_layout(params: Any, cfg: LlamaConfig, mesh: Mesh,
   return reshard(params, param_shardings(cfg, mesh, rules), dtype)
 
 
-# ---- multi-host ---------------------------------------------------------------------------------
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-  """Starts the multi-process JAX runtime (call first, before any other JAX call).
-
-  With no arguments, ``jax.distributed.initialize()`` detects the cluster from the environment
-  (SLURM, Open MPI, Kubernetes, TPU pods); otherwise all three arguments are required. CPU
-  collectives use gloo (``jax_cpu_collectives_implementation``; harmless on GPU/TPU). Does nothing
-  if the runtime is already initialized.
-
-  Raises:
-    ValueError: if only some arguments are given, num_processes < 1, or process_id is not in
-      [0, num_processes).
-  """
-  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-           "process_id": process_id}
-  missing = [k for k, v in given.items() if v is None]
-  if missing and len(missing) != len(given):
-    raise ValueError(f"initialize_distributed: give all of coordinator_address, num_processes and "
-                     f"process_id, or none (auto-detect); missing {missing}")
-  if not missing:
-    if not isinstance(num_processes, int) or num_processes < 1:
-      raise ValueError(f"initialize_distributed: num_processes must be >= 1, got {num_processes!r}")
-    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-      raise ValueError(f"initialize_distributed: process_id must be in [0, {num_processes}), "
-                       f"got {process_id!r}")
-  if jax.distributed.is_initialized():
-    return
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-
-
+# ---- multi-host batches -------------------------------------------------------------------------
 def global_batch_from_process_local(local_batch: Any, mesh: Mesh,
                                     sharding: Optional[NamedSharding] = None) -> Any:
   """Global arrays from each process's rows of the batch (``make_array_from_process_local_data``).

@@ -42,7 +42,7 @@ def make_batch(seed: int = 0) -> dict:
 
 
 def make_optimizer():
-  from llama_jax import optim  # pylint: disable=import-outside-toplevel
+  from llama_jax.train import optim  # pylint: disable=import-outside-toplevel
   return optim.make_optimizer(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1,
                                    grad_clip=1.0, schedule="constant"), STEPS)
 
@@ -50,10 +50,12 @@ def make_optimizer():
 def train(mesh, local_batch: dict):
   """STEPS SFT steps on ``mesh`` from this process's rows; returns (state, losses, global batch)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from llama_jax import sft, sharding, stage_lib  # pylint: disable=import-outside-toplevel
+  from llama_jax import sharding  # pylint: disable=import-outside-toplevel
+  from llama_jax.sft import step as sft  # pylint: disable=import-outside-toplevel
+  from llama_jax.train.state import StateSetup  # pylint: disable=import-outside-toplevel
   cfg, optimizer = model_config(), make_optimizer()
   rules = sharding.DEFAULT_RULES
-  setup = stage_lib.StateSetup(cfg, mesh, rules, optimizer, seed=0)
+  setup = StateSetup(cfg, mesh, rules, optimizer, seed=0)
   state = setup.fresh_state(
       lambda: sharding.init_params_sharded(cfg, jax.random.key(0), mesh, rules))
   step = setup.jit_step(functools.partial(sft.train_step, cfg=cfg, optimizer=optimizer))

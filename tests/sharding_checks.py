@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from llama_jax import model, sft, sharding  # noqa: E402
+from llama_jax.train.state import init_train_state
+from llama_jax import model, sharding  # noqa: E402
+from llama_jax.sft import step as sft  # noqa: E402
 from llama_jax.config import LlamaConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -169,7 +171,7 @@ def _optimizer():
 
 
 def _create_state(params, optimizer):
-  return sft.init_train_state(params, optimizer, seed=0)
+  return init_train_state(params, optimizer, seed=0)
 
 
 def _sft_batches():

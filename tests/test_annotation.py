@@ -9,7 +9,9 @@ import jax
 import pytest
 
 from configs import tiny
-from llama_jax import annotation, convert, stages
+from llama_jax import convert
+from llama_jax.recipe import annotate as annotation
+from llama_jax.recipe import stages
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources, world, world_tokenizer
 from llama_jax.model import init_params
@@ -69,7 +71,7 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
     # The 4th sample is truncated (no EOS): never annotated, though it would differ in quality.
     return texts, [[True, True, True, False] for _ in prompts]
 
-  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k", fake_sample_k)
+  monkeypatch.setattr(annotation.rs_lib, "sample_k", fake_sample_k)
   work = _workdir(models, tmp_path)
   res = stages.run(make_config(models), str(work))
   assert seen == {"k": 3, "temperature": 0.7, "max_new_tokens": 8}
@@ -91,7 +93,7 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
 
 
 def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch):
-  monkeypatch.setattr(annotation.rs_run.rs_lib, "sample_k",
+  monkeypatch.setattr(annotation.rs_lib, "sample_k",
                       lambda params, cfg, tok, prompts, *a, **k: (
                           [["The answer is 1000.", "I like turtles."] for _ in prompts],
                           [[True, True] for _ in prompts]))

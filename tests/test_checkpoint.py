@@ -79,7 +79,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, shared_flag
 _KILLER = textwrap.dedent("""
     import os, signal, sys, time
     import jax.numpy as jnp
-    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.train.checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1], keep=3, async_save=True)
     ckpt.save(1, {"w": jnp.full((1000,), 1.0)})
     ckpt.wait()
@@ -102,7 +102,7 @@ def test_save_killed_midway_keeps_last_good_checkpoint(tmp_path):
   leftovers = [p for p in os.listdir(directory) if p != "1"]
   assert leftovers and all("tmp" in p for p in leftovers), os.listdir(directory)  # killed mid-save
   import jax
-  from llama_jax.checkpoint import Checkpointer
+  from llama_jax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(str(directory))
   assert ckpt.latest_step() == 1
   restored = ckpt.restore({"w": jax.ShapeDtypeStruct((1000,), np.float32)})

@@ -1,4 +1,4 @@
-"""A TrainState checkpoint saved on one mesh restores onto another (llama_jax.checkpoint).
+"""A TrainState checkpoint saved on one mesh restores onto another (llama_jax.train.checkpoint).
 
 Runs in a subprocess with 8 emulated CPU devices (the device count is fixed before jax is
 imported; this pytest process has already imported it). The state is trained one step on mesh
@@ -20,8 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = r'''
 import functools, json, sys
 import jax, numpy as np
-from llama_jax import optim, sft, sharding, stage_lib
-from llama_jax.checkpoint import Checkpointer
+from llama_jax import sharding
+from llama_jax.train import optim
+from llama_jax.sft import step as sft
+from llama_jax.train.state import StateSetup
+from llama_jax.train.checkpoint import Checkpointer
 from llama_jax.config import LlamaConfig
 
 directory = sys.argv[1]
@@ -32,7 +35,7 @@ rules = sharding.DEFAULT_RULES
 
 def setup_for(shape):
   mesh = sharding.make_mesh(shape)
-  return mesh, stage_lib.StateSetup(cfg, mesh, rules, opt, seed=0)
+  return mesh, StateSetup(cfg, mesh, rules, opt, seed=0)
 
 mesh_a, setup_a = setup_for((1, 8, 1))
 state = setup_a.fresh_state(

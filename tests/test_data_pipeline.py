@@ -1,4 +1,4 @@
-"""Tests of llama_jax.data.pipeline: packing, masks, sharding, mixtures, checkpoint/restore."""
+"""Tests of llama_jax.data.input_pipeline: packing, masks, sharding, mixtures, checkpoint/restore."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama_jax.data import pipeline as pl, sources, tfds_builders as tb, world, world_tokenizer
+from llama_jax.data import sources, tfds_builders as tb, world, world_tokenizer
+from llama_jax.data import input_pipeline as pl
 from llama_jax.tokenizer import B_SYS, E_SYS, Tokenizer
 
 CFG = world.WorldConfig(seed=7)

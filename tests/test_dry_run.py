@@ -1,4 +1,4 @@
-"""Tests for llama_jax.dry_run (``python train.py --dry_run``).
+"""Tests for llama_jax.recipe.dry_run (``python train.py --dry_run``).
 
 The plans need 8 and 64 emulated CPU devices, fixed before jax is imported, so ``train.py
 --dry_run`` runs in subprocesses (both at once). Per-device parameter bytes are checked against
@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from llama_jax import build, dry_run, model, optim, sft
+from llama_jax.train.state import init_train_state
+from llama_jax import model
+from llama_jax.train import build
+from llama_jax.recipe import dry_run
+from llama_jax.train import optim
+from llama_jax.ppo import rollout
+from llama_jax.sft import step as sft
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -175,11 +181,11 @@ def test_unknown_stage_raises():
 def test_vocab_size_for():
   c = ml_collections.ConfigDict({"model": {"vocab_size": None},
                                  "tokenizer": {"path": "x.model", "world_vocab_size": 512}})
-  assert dry_run.vocab_size_for(c) == 32000
+  assert build.planning_vocab_size(c) == 32000
   c.tokenizer.path = "world"
-  assert dry_run.vocab_size_for(c) == 512
+  assert build.planning_vocab_size(c) == 512
   c.model.vocab_size = 1000
-  assert dry_run.vocab_size_for(c) == 1000
+  assert build.planning_vocab_size(c) == 1000
 
 
 def test_ppo_plan_has_train_step_and_rollouts():
@@ -214,13 +220,13 @@ def test_large_configs_build_their_step_abstractly(name, params_b):
   """The 7B / 13B / 70B SFT configs trace their real step with jax.eval_shape on CPU (no mesh,
   nothing allocated): the new state has the old state's shapes, the loss is a f32 scalar."""
   c = importlib.import_module(f"configs.{name}").get_config()
-  cfg = build.model_config(c, vocab_size=dry_run.vocab_size_for(c))
+  cfg = build.model_config(c, vocab_size=build.planning_vocab_size(c))
   assert c.tokenizer.path.endswith("llama2-tokenizer/tokenizer.model")
   assert (c.data.batch_size, c.data.max_seq_len, c.optimizer.lr) == (64, 4096, 2e-5)
   assert math.isclose(cfg.num_params() / 1e9, params_b, abs_tol=0.01)
   opt = optim.make_optimizer(c.optimizer, 100)
   params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-  state = jax.eval_shape(functools.partial(sft.init_train_state, optimizer=opt, seed=0), params)
+  state = jax.eval_shape(functools.partial(init_train_state, optimizer=opt, seed=0), params)
   batch = {k: jax.ShapeDtypeStruct((c.data.batch_size, c.data.max_seq_len),
                                    jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in sft.SFT_KEYS}
@@ -240,11 +246,10 @@ def test_ppo_scale_configs_follow_the_paper(name, preset, beta, params_b):
   c = importlib.import_module(f"configs.{name}").get_config()
   assert (c.stage, c.model.preset, c.ppo.beta) == ("ppo", preset, beta)
   assert (c.ppo.batch_size, c.ppo.minibatch_size, c.ppo.lr, c.ppo.clip_eps) == (512, 64, 1e-6, 0.2)
-  cfg = build.model_config(c, vocab_size=dry_run.vocab_size_for(c))
+  cfg = build.model_config(c, vocab_size=build.planning_vocab_size(c))
   assert math.isclose(cfg.num_params() / 1e9, params_b, abs_tol=0.01)
-  from llama_jax import ppo_run  # pylint: disable=import-outside-toplevel
-  ppo_run.validate(c)
-  exp = ppo_run.abstract_experience(c)
+  rollout.validate(c)
+  exp = rollout.abstract_experience(c)
   assert exp["tokens"].shape == (512, c.ppo.max_prompt_len + c.ppo.max_new_tokens)
 
 

@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from llama_jax import overoptimization as oo
+from llama_jax.recipe import overoptimization as oo
 
 
 def _brute(proxy, gold, n):

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax import eval_run, pipeline, stages
+from llama_jax.recipe import eval_run
+from llama_jax.recipe import pipeline
+from llama_jax.recipe import stages
+from llama_jax.train import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,7 +70,7 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
                if json.loads(x)["split"] == "train"]
   assert sft_steps == list(range(1, 31))
   for name in STAGES:
-    assert pipeline.is_done(str(work / name)), name
+    assert wd.is_done(str(work / name)), name
   # Each stage starts from the previous one's checkpoint.
   cfg = lambda name: json.loads((work / name / "config.json").read_text())
   assert cfg("rm_safety")["init_from"] == str(work / "sft" / "final")

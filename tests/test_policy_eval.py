@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import evaluation, policy_eval
+from llama_jax import evaluation
+from llama_jax.recipe import policy_eval
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params

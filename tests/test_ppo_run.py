@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax import convert, ppo_run, reward
+from llama_jax import convert
+from llama_jax.ppo import rollout
+from llama_jax.ppo import run as ppo_run
+from llama_jax.train import build
+from llama_jax.reward import step as reward
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
@@ -78,7 +82,7 @@ METRICS = ("reward_raw", "reward_whitened", "kl", "approxkl", "clipfrac", "entro
 def test_ppo_runs_stops_and_resumes_exactly(models, tmp_path):
   straight = _workdir(models, tmp_path, "straight")
   res = ppo_run.run(make_config(models), str(straight))
-  assert res["finished"] and res["iterations"] == 2
+  assert res["finished"] and res["steps"] == 2
   assert (straight / "final" / "params.json").exists() and (straight / "result.json").exists()
   full = _lines(straight, "train")
   assert [r["step"] for r in full] == [1, 2]
@@ -99,9 +103,9 @@ def test_ppo_runs_stops_and_resumes_exactly(models, tmp_path):
   c = make_config(models)
   c.train.stop_after_steps = 1
   res = ppo_run.run(c, str(split))
-  assert not res["finished"] and res["iterations"] == 1 and not (split / "final").exists()
+  assert not res["finished"] and res["steps"] == 1 and not (split / "final").exists()
   res = ppo_run.run(make_config(models), str(split))
-  assert res["finished"] and res["iterations"] == 2
+  assert res["finished"] and res["steps"] == 2
   resumed = _lines(split, "train")
   assert [r["step"] for r in resumed] == [1, 2]
   for k in ("reward_raw", "kl", "policy_loss", "value_loss", "response_length"):
@@ -115,7 +119,7 @@ def test_early_stopping_keeps_the_best_evaluated_policy(models, tmp_path):
   c = make_config(models, num_iterations=5, eval_every=1, patience=1, lr=1e-12, value_lr=1e-12,
                   sft_from=str(models / "policy"))
   res = ppo_run.run(c, str(work))
-  assert res["finished"] and res["stopped_early"] and res["iterations"] == 1
+  assert res["finished"] and res["stopped_early"] and res["steps"] == 1
   assert res["best_iteration"] == 0 and 0 < res["eval"]["reward"] < 1
   assert res["improved"] is False  # reported, not silent
   evals = _lines(work, "eval")
@@ -158,17 +162,20 @@ def test_validation_names_the_field(models, tmp_path):
   assert not (tmp_path / "c").exists()
 
 
-def test_lower_ppo_step_for_the_configured_mesh():
+def test_lower_ppo_update_for_the_configured_mesh():
   c = tiny.get_config()
   c.stage = "ppo"
   c.model.vocab_size = 512
   c.ppo.batch_size, c.ppo.minibatch_size, c.ppo.max_new_tokens, c.ppo.max_prompt_len = 8, 4, 8, 24
-  setup, state, exp, _ = ppo_run.abstract_step_inputs(c)
+  mesh, rules = build.mesh_and_rules(c)
+  cfg = build.planning_model_config(c)
+  setup = rollout.Setup(c, cfg, cfg, cfg, mesh, rules)
+  state, exp = setup.abstract_state(), rollout.abstract_experience(c, setup.batch_sharding)
   assert exp["tokens"].shape == (8, 32) and exp["advantages"].shape == (8, 8)
   assert state.policy.params["output"].shape == (128, 512)
   assert state.value.params["head"]["weight"].shape == (128,)
-  lowered = ppo_run.lower_ppo_step(c)
-  mem = lowered.compile().memory_analysis()
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.replicated)
+  mem = setup.update.lower(state, exp, rng).compile().memory_analysis()
   # The donated state (policy + value params and Adam moments, f32) is an argument of the step.
   n_params = sum(x.size for x in jax.tree.leaves(state.policy.params))
   assert mem.argument_size_in_bytes > 3 * 4 * n_params

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from configs import sft_hh_tiny, tiny
-from llama_jax import prompts
-from llama_jax.rejection_sampling import prompt_key
+from llama_jax.data import prompts
+from llama_jax.data.sources import prompt_key
 
 
 def _keys(records):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import rejection_sampling as rs
+from llama_jax.rejection_sampling import step as rs
 from llama_jax.sampling import generate
 
 P1 = [{"role": "user", "content": "Hi"}]
@@ -81,7 +81,7 @@ def test_pool_keeps_best_across_iterations():
 
 def test_jsonl_roundtrip_and_validation(tmp_path):
   records = _records(1, [[0.2, 0.9], [0.4, 0.1]])
-  path = rs.write_jsonl(tmp_path / "it1.jsonl", records)
+  path = rs.write_records(tmp_path / "it1.jsonl", records)
   lines = pathlib.Path(path).read_text().splitlines()
   assert len(lines) == 2 and json.loads(lines[0])["chosen"] == 1
   assert rs.read_jsonl(path) == records
@@ -93,7 +93,7 @@ def test_jsonl_roundtrip_and_validation(tmp_path):
   with pytest.raises(ValueError, match="invalid JSON"):
     rs.read_jsonl(tmp_path / "bad2.jsonl")
   with pytest.raises(ValueError, match="scores"):
-    rs.write_jsonl(tmp_path / "x.jsonl", [dict(records[0], scores=[0.1])])
+    rs.write_records(tmp_path / "x.jsonl", [dict(records[0], scores=[0.1])])
   with pytest.raises(ValueError, match="must match"):
     rs.make_records([P1], [["a"], ["b"]], [[0.0], [1.0]], iteration=1, temperature=1.0)
 

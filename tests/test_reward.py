@@ -14,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
 import llama_jax as lj
-from llama_jax import optim, reward, sft
+from llama_jax.train.state import init_train_state
+from llama_jax.train import optim
+from llama_jax.reward import step as reward
 from llama_jax.data.sources import RATINGS, SAFETY_LABELS
 from llama_jax.model import forward
 
@@ -155,7 +157,7 @@ def test_train_and_eval_metrics_against_numpy(params):
   np.testing.assert_array_equal(out["correct_by_rating"], correct[[0, 1, 0, 2, 3]] * [1, 1, 0, 1, 1])
   np.testing.assert_array_equal(out["correct_by_label"], correct[[0, 3, 2, 1]])
   opt = optim.make_optimizer(OPT, 10)
-  state = sft.init_train_state(params, opt, seed=0)
+  state = init_train_state(params, opt, seed=0)
   step = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, margin="small"))
   new, metrics = step(state, batch)
   np.testing.assert_allclose(metrics["loss"], want_loss.mean(), rtol=1e-4)
@@ -166,7 +168,7 @@ def test_train_and_eval_metrics_against_numpy(params):
 
 def test_gradient_accumulation_and_empty_batches(params):
   opt = optim.make_optimizer(OPT, 10)
-  state = sft.init_train_state(params, opt, seed=0)
+  state = init_train_state(params, opt, seed=0)
   batch = _pair_batch(np.random.default_rng(7))
   batch["chosen_mask"][3] = False  # an empty pair: excluded from the loss
   one = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, accum_steps=1))
@@ -255,7 +257,7 @@ def test_safety_aux_loss_train_metrics_against_loop_reference(params):
   aux = np.where(valid, _loop_aux(np.nan_to_num(rc), np.nan_to_num(rr), batch["safety_label"]), 0)
   labelled = valid & (batch["safety_label"] >= 0)  # 5 pairs: the invalid one has a label
   opt = optim.make_optimizer(OPT, 10)
-  state = sft.init_train_state(params, opt, seed=0)
+  state = init_train_state(params, opt, seed=0)
   for weight in (0.0, 0.7):
     step = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, margin="small",
                                      safety_aux_weight=weight))
@@ -266,7 +268,7 @@ def test_safety_aux_loss_train_metrics_against_loop_reference(params):
     np.testing.assert_allclose(m["safety_aux_loss"], aux.sum() / labelled.sum(), rtol=1e-4)
     assert float(m["safety_labelled"]) == 5 and float(m["pairs"]) == 7
   # eval_step's sums: the aux loss and the counts of unsafe_detection at 0.5 on the valid pairs.
-  from llama_jax import reward_eval  # pylint: disable=import-outside-toplevel
+  from llama_jax.reward import evaluate as reward_eval  # pylint: disable=import-outside-toplevel
   ev = jax.device_get(jax.jit(functools.partial(reward.eval_step, cfg=CFG, margin="small"))(
       params, batch))
   np.testing.assert_allclose(ev["safety_aux_sum"], aux.sum(), rtol=1e-4)
@@ -299,7 +301,7 @@ def test_safety_aux_gradient_accumulation_matches_one_batch(params):
   _, _, g0 = acc(params, batch, 1, CFG, "small", 0.0)
   assert not np.allclose(g0["head"]["bias"], g1["head"]["bias"])
   opt = optim.make_optimizer(OPT, 10)
-  state = sft.init_train_state(params, opt, seed=0)
+  state = init_train_state(params, opt, seed=0)
   steps = [jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, margin="small",
                                      accum_steps=k, safety_aux_weight=1.5)) for k in (1, 2)]
   (n1, m1), (n2, m2) = (f(state, batch) for f in steps)
@@ -324,7 +326,7 @@ def test_safety_aux_weight_zero_is_the_plain_ranking_loss_exactly(params):
   jax.tree.map(np.testing.assert_array_equal, g_new, g_old)
   # Through train_step: labels (or none at all) change nothing at weight 0, bit for bit.
   opt = optim.make_optimizer(OPT, 10)
-  state = sft.init_train_state(params, opt, seed=0)
+  state = init_train_state(params, opt, seed=0)
   step = jax.jit(functools.partial(reward.train_step, cfg=CFG, optimizer=opt, margin="small"))
   s_a, m_a = step(state, batch)
   s_b, m_b = step(state, dict(batch, safety_label=np.full(8, -1, np.int32)))
@@ -355,7 +357,7 @@ def _safety_world(rng, n):
 def test_safety_aux_term_raises_unsafe_recall_at_half():
   """Table 29: the auxiliary term raises the share of unsafe responses with Rs < 0.5 (tiny random
   model, 12 AdamW steps on synthetic labelled pairs, scored on held-out pairs)."""
-  from llama_jax import reward_eval  # pylint: disable=import-outside-toplevel
+  from llama_jax.reward import evaluate as reward_eval  # pylint: disable=import-outside-toplevel
   cfg = CFG.replace(n_layers=1)
   rng = np.random.default_rng(0)
   train, held = _safety_world(rng, 24), _safety_world(rng, 24)
@@ -366,7 +368,7 @@ def test_safety_aux_term_raises_unsafe_recall_at_half():
   for weight in (0.0, 1.0):
     step = jax.jit(functools.partial(reward.train_step, cfg=cfg, optimizer=opt,
                                      safety_aux_weight=weight))
-    state = sft.init_train_state(init, opt, seed=0)
+    state = init_train_state(init, opt, seed=0)
     for _ in range(12):
       state, _ = step(state, train)
     rc, rr, _ = pair_scores(state.params, batch=held)

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import build, convert, eval_run, reward, reward_run
+from llama_jax import convert
+from llama_jax.train import build
+from llama_jax.recipe import eval_run
+from llama_jax.reward import step as reward
+from llama_jax.reward import data as reward_data
+from llama_jax.reward import run as reward_run
 from configs import reward_hh_tiny, reward_tiny
 
 GOOD = {"prompt": "What is 2 plus 2?", "chosen": "The answer is 4.", "rejected": "I like turtles.",
@@ -34,7 +39,7 @@ def _tiny_config(tmp_path, model="helpfulness", **reward_fields):
 def test_mixture_ratios_and_determinism(tmp_path):
   c = _tiny_config(tmp_path, "safety")
   c.reward.world_train_pairs = 200
-  builders = reward_run.preference_builders(c, str(tmp_path / "w"))
+  builders = reward_data.preference_builders(c, str(tmp_path / "w"))
   n = 2000
 
   def draw(seed):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax import convert, reward, rs_run
+from llama_jax import convert
+from llama_jax.reward import step as reward
+from llama_jax.recipe import stages
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
@@ -73,8 +75,8 @@ def _records(path):
 
 def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
   a, b = _workdir(models, tmp_path, "a"), _workdir(models, tmp_path, "b")
-  res = rs_run.run(make_config(models, auto_temperature=True), str(a))
-  rs_run.run(make_config(models, auto_temperature=True), str(b))
+  res = stages.get("rejection_sampling").run(make_config(models, auto_temperature=True), str(a))
+  stages.get("rejection_sampling").run(make_config(models, auto_temperature=True), str(b))
   assert (a / "sampled.jsonl").read_bytes() == (b / "sampled.jsonl").read_bytes()
   records = _records(a / "sampled.jsonl")
   st = res["sampled"]
@@ -124,9 +126,9 @@ def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
 
 def test_pooling_keeps_the_best_sample_of_every_iteration(models, tmp_path):
   first = _workdir(models, tmp_path, "v1")
-  rs_run.run(make_config(models, num_steps=1), str(first))
+  stages.get("rejection_sampling").run(make_config(models, num_steps=1), str(first))
   second = _workdir(models, tmp_path, "v2")
-  res = rs_run.run(make_config(models, iteration=2, temperature=1.3,
+  res = stages.get("rejection_sampling").run(make_config(models, iteration=2, temperature=1.3,
                                pool_from=str(first / "sampled.jsonl"), plot_prompts=0),
                    str(second))
   best = {}
@@ -151,11 +153,11 @@ def test_validation(models, tmp_path):
   c = make_config(models)
   c.init_from = ""
   with pytest.raises(ValueError, match="config.init_from"):
-    rs_run.run(c, str(tmp_path / "x"))
+    stages.get("rejection_sampling").run(c, str(tmp_path / "x"))
   with pytest.raises(ValueError, match="temperature must be > 0"):
-    rs_run.run(make_config(models, temperature=0.0), str(tmp_path / "y"))
+    stages.get("rejection_sampling").run(make_config(models, temperature=0.0), str(tmp_path / "y"))
   with pytest.raises(FileNotFoundError, match="pool_from"):
-    rs_run.run(make_config(models, pool_from=str(tmp_path / "nope.jsonl")), str(tmp_path / "z"))
+    stages.get("rejection_sampling").run(make_config(models, pool_from=str(tmp_path / "nope.jsonl")), str(tmp_path / "z"))
   with pytest.raises(ValueError, match="config.rejection_sampling.reward"):
-    rs_run.run(make_config(models, reward="gold"), str(tmp_path / "w"))
+    stages.get("rejection_sampling").run(make_config(models, reward="gold"), str(tmp_path / "w"))
   assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()

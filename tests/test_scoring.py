@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax import scoring
+from llama_jax.reward import scoring
 from llama_jax.data import world
 
 ADD = [{"role": "user", "content": "What is 2 plus 3?"}]

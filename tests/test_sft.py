@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import optim, sft
+from llama_jax.train.state import init_train_state
+from llama_jax.train import optim
+from llama_jax.sft import step as sft
 
 CFG = lj.LlamaConfig.tiny(vocab_size=64)
 OPT = dict(lr=3e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip=1.0, schedule="cosine",
@@ -29,7 +31,7 @@ def _batch(b=4, t=16, seed=0, supervised=True):
 def _state(total_steps=10):
   opt = optim.make_optimizer(OPT, total_steps)
   params = lj.init_params(CFG, jax.random.key(0))
-  return sft.init_train_state(params, opt, seed=0), opt
+  return init_train_state(params, opt, seed=0), opt
 
 
 def test_gradient_accumulation_matches_full_batch():

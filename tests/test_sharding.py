@@ -151,16 +151,6 @@ def test_validate_rules():
   assert merged["mlp"] == ("fsdp", "tensor") and merged["batch"] == "data"
 
 
-def test_initialize_distributed_validates_before_starting():
-  with pytest.raises(ValueError, match=r"missing \['num_processes', 'process_id'\]"):
-    sharding.initialize_distributed(coordinator_address="127.0.0.1:1234")
-  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
-    sharding.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
-  with pytest.raises(ValueError, match="num_processes must be >= 1"):
-    sharding.initialize_distributed("127.0.0.1:1234", num_processes=0, process_id=0)
-  assert not jax.distributed.is_initialized()
-
-
 def test_global_batch_rejects_scalars():
   mesh = sharding.make_mesh((1, 1, -1))
   with pytest.raises(ValueError, match="step must have a leading batch dimension"):

@@ -1,11 +1,12 @@
-"""stages.validate / stages.run: shared settings rejected before anything is written."""
+"""recipe.stages.run and train.settings.validate: shared settings rejected before anything is written."""
 
 import os
 
 import pytest
 
 from configs import tiny
-from llama_jax import stages
+from llama_jax.recipe import stages
+from llama_jax.train import settings
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -60,7 +61,7 @@ def test_edge_values_are_accepted():
   config.train.num_steps, config.train.checkpoint_every, config.train.eval_every = 0, 0, 0
   config.optimizer.warmup_frac, config.optimizer.final_lr_ratio = 1.0, 0.0
   config.optimizer.lr, config.optimizer.grad_clip = 0, 0.0
-  stages.validate(config, "w")
+  settings.validate(config, "w")
 
 
 def test_unknown_stage():

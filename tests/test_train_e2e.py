@@ -69,7 +69,7 @@ def _jsonl(path, prompt, n):
 def test_sft_source_without_a_usable_record_fails_before_step_0(tmp_path):
   # Used to hang: the packed-batch iterator waited forever on a stream that yields nothing.
   from configs import tiny  # pylint: disable=import-outside-toplevel
-  from llama_jax import sft_run  # pylint: disable=import-outside-toplevel
+  from llama_jax.sft import run as sft_run  # pylint: disable=import-outside-toplevel
   c = tiny.get_config()
   c.stage, c.data.sft_sources, c.data.tfds_dir, c.data.heldout_fraction = "sft", "jsonl", "", 0.2
   # Every prompt is longer than max_seq_len (256): truncation leaves no answer token.
@@ -82,7 +82,7 @@ def test_sft_source_without_a_usable_record_fails_before_step_0(tmp_path):
 
 
 def test_check_kept_names_the_split_and_the_counts():
-  from llama_jax import sft_run  # pylint: disable=import-outside-toplevel
+  from llama_jax.sft import run as sft_run  # pylint: disable=import-outside-toplevel
   stats = {"records": 5, "kept": 0, "truncated": 0, "dropped_overlong": 2, "dropped_no_target": 3}
   with pytest.raises(ValueError, match=r"held-out: none of its 5 SFT records .*\(2 dropped .* 3 "
                                        r"without an answer token"):

@@ -45,7 +45,7 @@ import gzip
 import json
 import os
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from llama_jax.tokenizer import ROLES, SPECIAL_TAGS
 
@@ -381,3 +381,8 @@ def read_self_instruct(path: PathLike) -> Iterator[dict[str, Any]]:
       user = f"{instruction.strip()}\n\n{inp.strip()}" if inp.strip() else instruction.strip()
       yield {"messages": [{"role": "user", "content": user},
                           {"role": "assistant", "content": out.strip()}]}
+
+
+def prompt_key(prompt: Sequence[Mapping[str, str]]) -> str:
+  """Canonical string key of a dialog prompt (JSON with sorted keys) for pooling."""
+  return json.dumps([dict(m) for m in prompt], sort_keys=True, ensure_ascii=False)

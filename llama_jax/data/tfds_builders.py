@@ -11,7 +11,7 @@ read::
 
 Reading needs only a config with the same ``name`` (``HhRlhf(config=SourceConfig(name=...),
 data_dir=...)``) or ``tfds.builder_from_directory(<data_dir>/hh_rlhf/harmless_base/1.0.0)``.
-``llama_jax.data.pipeline.records_dataset`` decodes the JSON.
+``llama_jax.data.input_pipeline.records_dataset`` decodes the JSON.
 
 Splits are fixed by a seeded hash (``split_seed``) of each record's prompt (every turn before the
 final response), so records sharing a prompt share a split. World builders use the world's own

@@ -1,0 +1,66 @@
+"""The stage registry: ``config.stage`` -> :class:`~llama_jax.train.stage.Stage`, and
+:func:`run`, what ``train.py`` calls.
+
+Adding a stage is one line in :data:`REGISTRY` (or :func:`register` from user code): the
+stage's package holds its step and runner; ``--dry_run`` asks the stage for its
+``abstract_steps``. Stages that run others get them from here (the rejection-sampling stage its
+SFT fine-tune, the pipeline every sub-stage), so no stage package imports another one's runner.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from llama_jax.ppo import run as ppo_run
+from llama_jax.recipe import annotate, pipeline
+from llama_jax.rejection_sampling import run as rs_run
+from llama_jax.reward import run as reward_run
+from llama_jax.sft import run as sft_run
+from llama_jax.train import settings
+from llama_jax.train.stage import Stage
+
+REGISTRY: Dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+  """Add ``stage`` under ``stage.name`` (replacing a stage of that name); returns it.
+
+  Raises:
+    ValueError: if ``stage.name`` is empty.
+  """
+  if not stage.name:
+    raise ValueError(f"{type(stage).__name__}.name is empty: a stage needs a name")
+  REGISTRY[stage.name] = stage
+  return stage
+
+
+def get(name: str) -> Stage:
+  """The stage called ``name``.
+
+  Raises:
+    ValueError: for an unknown name, listing the known ones.
+  """
+  if name not in REGISTRY:
+    raise ValueError(f"config.stage must be one of {tuple(REGISTRY)}, got {name!r}")
+  return REGISTRY[name]
+
+
+def run(config, workdir: str) -> dict:
+  """Run the stage named by ``config.stage`` in ``workdir``, after the shared checks
+  (``train.settings.validate``).
+
+  Raises:
+    ValueError: for an unknown stage or a bad shared setting, before anything is written.
+  """
+  stage = get(config.stage)
+  settings.validate(config, workdir)
+  return stage.run(config, workdir)
+
+
+register(sft_run.STAGE)
+register(annotate.STAGE)
+register(reward_run.STAGE)
+register(rs_run.RejectionSamplingStage(finetune=sft_run.STAGE))
+register(ppo_run.STAGE)
+register(pipeline.PipelineStage(run, REGISTRY))
+STAGES = tuple(REGISTRY)

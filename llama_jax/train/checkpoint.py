@@ -1,0 +1,128 @@
+"""Orbax checkpoints of a training stage: train state + data iterator state, async, keep-N.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data}``. Orbax writes each step into a temporary
+directory and renames it only once complete, so a save killed midway leaves the previous
+checkpoint intact and ``latest_step`` never returns a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Save/restore ``TrainState`` (and a grain iterator) under ``directory``.
+
+  Args:
+    directory: checkpoint root (created on the first save, not before).
+    save_every: save when ``step % save_every == 0`` (0 = only explicit/forced saves).
+    keep: number of most recent checkpoints to keep.
+    async_save: write in a background thread (orbax async checkpointing).
+  """
+
+  def __init__(self, directory: str, save_every: int = 0, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(directory)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        save_decision_policy=None)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data"))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def save(self, step: int, state: Any, data_iterator: Any = None) -> bool:
+    """Start saving (async unless disabled). Returns False if a checkpoint of ``step`` exists."""
+    if step in self.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state: Any, data_iterator: Any = None, step: Optional[int] = None):
+    """Restore ``step`` (default: latest) into the structure/shardings of ``abstract_state``
+    (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``, e.g. from ``jax.eval_shape``).
+    The data iterator, if given, is restored in place. Raises FileNotFoundError if none exists."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self):
+    """Block until the in-flight async save (if any) is complete."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+  """Params of a ``final/`` (or ``convert --to orbax``) directory, restored straight into the
+  shardings of ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with ``sharding``).
+
+  Raises:
+    FileNotFoundError: if ``path/params`` is missing.
+  """
+  target = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(target):
+    raise FileNotFoundError(f"init_from: orbax params directory {target} not found")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(target, abstract_params)
+
+
+def abstract_like(tree: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` tree (with shardings) mirroring concrete or abstract arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class StopSignal:
+  """Turns SIGTERM and SIGINT into a flag the training loop checks between steps.
+
+  The loop then waits for any in-flight save, saves at the current step, and exits 0. A second
+  signal restores the previous handlers and re-delivers itself (a second Ctrl-C raises
+  KeyboardInterrupt), so a user can always end a run that does not reach the next step. Only
+  installable from the main thread; elsewhere it is a flag that never fires.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}

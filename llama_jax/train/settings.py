@@ -1,0 +1,154 @@
+"""Typed sections of the settings every stage shares: ``config.train``, ``config.optimizer``,
+``config.eval`` as frozen dataclasses, each field with its default, meaning and bounds (the one
+place they live: ``configs/base.py`` builds its sections from them with :func:`config_section`).
+
+:func:`validate` (run by ``recipe.stages.run`` before any stage starts) reads every section into
+its dataclass once (:func:`read`), so a bad value fails before anything runs, with the field
+named. The ml_collections config and ``--config.x=y`` overrides stay the user interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Type, TypeVar
+
+import ml_collections
+import numpy as np
+
+T = TypeVar("T")
+
+
+def _f(default: Any, doc: str, lo: Optional[float] = None, hi: Optional[float] = None,
+       hi_ok: bool = True, lo_ok: bool = True):
+  """A dataclass field with its meaning and bounds (``lo``/``hi`` None: unbounded)."""
+  return dataclasses.field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi,
+                                                      "hi_ok": hi_ok, "lo_ok": lo_ok})
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+  """``config.train``: the training loop (``train.loop``)."""
+
+  num_epochs: float = _f(2.0, "Epochs over the training set (Llama 2 SFT: 2); used when "
+                         "num_steps is 0.", lo=0.0)
+  num_steps: int = _f(0, "Total optimizer steps; 0 = derived from num_epochs.", lo=0)
+  stop_after_steps: int = _f(0, "Stop after this many steps in one invocation (0 = run to the "
+                             "end); the next invocation resumes bitwise identically.", lo=0)
+  grad_accum_steps: int = _f(1, "Microbatches per step (the batch size must be divisible by "
+                             "it).", lo=1)
+  log_every: int = _f(10, "Log train metrics (averaged) every N steps.", lo=1)
+  eval_every: int = _f(0, "Held-out evaluation every N steps (0 = only at the end).", lo=0)
+  checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0 = only at the end and on "
+                             "SIGTERM/SIGINT).", lo=0)
+  keep_checkpoints: int = _f(2, "Checkpoints kept.", lo=1)
+  async_checkpoint: bool = _f(True, "Save checkpoints asynchronously.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """``config.optimizer``: AdamW with a schedule (``train.optim``; Llama 2 Sec. 2.2, 3.1)."""
+
+  lr: float = _f(2e-5, "Peak learning rate (Llama 2 SFT: 2e-5).", lo=0.0)
+  b1: float = _f(0.9, "AdamW beta1 (Llama 2: 0.9).", lo=0.0, hi=1.0, hi_ok=False)
+  b2: float = _f(0.95, "AdamW beta2 (Llama 2: 0.95).", lo=0.0, hi=1.0, hi_ok=False)
+  eps: float = _f(1e-5, "AdamW epsilon (Llama 2: 1e-5).", lo=0.0, lo_ok=False)
+  weight_decay: float = _f(0.1, "Decoupled weight decay on matrices (not RMSNorm scales).",
+                           lo=0.0)
+  grad_clip: float = _f(1.0, "Gradient clipping by global norm (0 = off).", lo=0.0)
+  schedule: str = _f("cosine", "cosine (decay to final_lr_ratio * lr) | constant.")
+  final_lr_ratio: float = _f(0.1, "Final LR of the cosine schedule, as a share of lr.",
+                             lo=0.0, hi=1.0)
+  warmup_steps: int = _f(0, "Warmup: max(warmup_steps, warmup_frac * total steps).", lo=0)
+  warmup_frac: float = _f(0.0, "Warmup as a share of the total steps.", lo=0.0, hi=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+  """``config.eval``: held-out evaluation during training and ``eval.py``."""
+
+  num_batches: int = _f(0, "Held-out batches for loss/perplexity (0 = all).", lo=0)
+  num_samples: int = _f(8, "Sampled completions written to <workdir>/samples/ per evaluation.",
+                        lo=0)
+  max_new_tokens: int = _f(48, "Token budget of evaluation samples.", lo=1)
+  temperature: float = _f(0.0, "Temperature of evaluation samples (0 = greedy).", lo=0.0)
+  num_prompts: int = _f(200, "Held-out prompts drawn for eval.py (distinct; on a pipeline the "
+                        "prompts PPO selected its checkpoint with are left out).", lo=0)
+  samples_per_prompt: int = _f(4, "eval.py on a pipeline: temperature-1 samples per prompt "
+                               "(oracle _t1 metrics and the KL).", lo=1)
+  bon_prompts: int = _f(64, "eval.py on a pipeline (world): prompts of the best-of-n "
+                        "over-optimization curve (Gao et al. 2022; 0 = skip).", lo=0)
+  bon_n: int = _f(64, "Samples per prompt of that curve.", lo=1)
+
+
+SECTIONS = {"train": Train, "optimizer": Optimizer, "eval": Eval}
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check(section: str, field: dataclasses.Field, value: Any) -> Any:
+  """``value`` of ``config.<section>.<field>`` checked against the field's type and bounds."""
+  m, name = field.metadata, f"config.{section}.{field.name}"
+  if field.type in ("bool", bool):
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+  if field.type in ("str", str):
+    if not isinstance(value, str):
+      raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+  is_int = field.type in ("int", int)
+  number = _is_int(value) if is_int else (isinstance(value, (int, float, np.number))
+                                          and not isinstance(value, bool))
+  lo, hi = m.get("lo"), m.get("hi")
+  ok = number and math.isfinite(value)
+  ok = ok and (lo is None or value > lo or (m.get("lo_ok", True) and value == lo))
+  ok = ok and (hi is None or value < hi or (m.get("hi_ok", True) and value == hi))
+  if not ok:
+    low = "" if lo is None else f"{'>=' if m.get('lo_ok', True) else '>'} {lo}"
+    span = (f"in [{lo}, {hi}{']' if m.get('hi_ok', True) else ')'}" if hi is not None else low)
+    raise ValueError(f"{name} must be {'an int' if is_int else 'a finite number'} {span}, "
+                     f"got {value!r}")
+  return int(value) if is_int else float(value)
+
+
+def read(config, section: str, cls: Type[T]) -> T:
+  """``config.<section>`` as the frozen dataclass ``cls`` (absent fields take their default).
+
+  Raises:
+    ValueError: naming the first bad field.
+  """
+  values = config.get(section, None) or {}
+  return cls(**{f.name: _check(section, f, values.get(f.name, f.default))
+                for f in dataclasses.fields(cls)})
+
+
+def config_section(cls) -> ml_collections.ConfigDict:
+  """A ``ConfigDict`` of ``cls``'s defaults (what ``configs/base.py`` holds for the section)."""
+  return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def describe(cls) -> str:
+  """One line per field: ``name = default: meaning``."""
+  return "\n".join(f"{f.name} = {f.default!r}: {f.metadata.get('doc', '')}"
+                   for f in dataclasses.fields(cls))
+
+
+def validate(config, workdir: str) -> None:
+  """Checks the settings every stage shares, before anything runs or is written: ``workdir``
+  not empty, ``config.seed`` an int >= 0, and ``config.train`` / ``config.optimizer`` /
+  ``config.eval`` read into :class:`Train` / :class:`Optimizer` / :class:`Eval` (types and
+  bounds of each field: see the dataclasses). Stage-specific fields are checked by each stage.
+
+  Raises:
+    ValueError: naming the first bad field (or an empty ``workdir``).
+  """
+  if not str(workdir).strip():
+    raise ValueError("the workdir is empty: pass --workdir=<directory>")
+  seed = config.get("seed", 0)
+  if not _is_int(seed) or seed < 0:
+    raise ValueError(f"config.seed must be an int >= 0, got {seed!r}")
+  for section, cls in SECTIONS.items():
+    read(config, section, cls)

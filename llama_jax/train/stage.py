@@ -1,0 +1,260 @@
+"""The one stage skeleton: prepare -> state -> loop -> export.
+
+Every stage is a :class:`Stage`: ``run(config, workdir) -> result`` and
+``abstract_steps(config, mesh) -> [StepPlan]`` (its jitted steps lowered on abstract inputs, what
+``--dry_run`` compiles and measures). A training stage (SFT, reward model, PPO) only writes
+:meth:`TrainingStage.prepare`, which validates the config and data and builds a :class:`Run`
+without writing anything; :func:`run_stage` does the rest the same way for all of them:
+
+1. ``prepare`` inside ``workdir.clean_on_failure`` (a run that fails validation leaves nothing);
+2. ``config.json`` and ``data_stats.json``;
+3. resume from the newest checkpoint (state and data iterator) or build the step-0 state;
+4. ``train.loop.run_loop``: steps, metrics, evaluations, checkpoints, SIGTERM/SIGINT,
+   ``train.stop_after_steps``, a progress bar;
+5. when finished: ``final/`` (``Run.export``, default the params as ``convert.save_orbax``) and
+   ``result.json``, written once.
+
+A new stage is a package with ``step.py`` (pure, jittable) and ``run.py`` (a ``TrainingStage``
+subclass), plus one line in ``llama_jax.recipe.stages.REGISTRY`` (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+from llama_jax.train import settings
+from llama_jax.train import workdir as wd
+from llama_jax.train.checkpoint import Checkpointer
+from llama_jax.train.loop import LoopResult, run_loop
+from llama_jax.train.metrics import MetricWriter
+from llama_jax.train.state import StateSetup, step_rng
+
+
+def _state_rng(state, step: int) -> jax.Array:
+  del step
+  return step_rng(state)
+
+
+@dataclasses.dataclass
+class Run:
+  """A prepared run of a training stage: validated and built, nothing written yet.
+
+  Attributes:
+    cfg: model config of the params ``final/`` holds.
+    total_steps: steps of the whole run (earlier, resumed runs included).
+    step_fn: ``(state, batch, rng) -> (state, metrics)``: a jitted step, or a host function
+      around jitted ones (PPO: rollouts, scoring, update).
+    batches: iterator of host batches; checkpointed with the state when it has ``get_state``
+      (grain); :func:`run_stage` calls ``batches.seek(step)`` after a restore when it has one.
+    abstract_state: the state as ``jax.ShapeDtypeStruct`` leaves with shardings (restore target).
+    init_state: builds the step-0 state (sharded).
+    put_batch: host batch -> device arrays. rng_fn: ``(state, step) -> key`` of a step (default
+      ``train.state.step_rng``).
+    evaluate: ``(state, step) -> metrics`` (written under ``eval``), every ``eval_every`` steps,
+      at step 0 with ``eval_at_start``, and after the last step with ``final_eval``.
+    should_stop: checked before the first step and after each periodic evaluation (early
+      stopping; a resumed run that had stopped stays stopped).
+    on_save: called after a checkpoint is complete (e.g. to write bookkeeping beside it).
+    export: ``state -> final dir`` (default: ``workdir.export_params`` of ``state.params``).
+    result: extra ``result.json`` keys from the :class:`~llama_jax.train.loop.LoopResult`.
+    data_stats: written to ``data_stats.json``. desc: progress label. tokens_key: metric
+      summed for tokens/s. progress_key: metric shown on the progress bar.
+    checkpoint_every, log_every, stop_after_steps: intervals (0 = off), from ``config.train``.
+  """
+
+  cfg: LlamaConfig
+  total_steps: int
+  step_fn: Callable[[Any, Any, jax.Array], Any]
+  batches: Iterator
+  abstract_state: Any
+  init_state: Callable[[], Any]
+  put_batch: Callable[[Any], Any] = lambda b: b
+  rng_fn: Callable[[Any, int], jax.Array] = _state_rng
+  evaluate: Optional[Callable[[Any, int], Mapping[str, float]]] = None
+  eval_every: int = 0
+  eval_at_start: bool = False
+  final_eval: bool = True
+  should_stop: Callable[[], bool] = lambda: False
+  on_save: Optional[Callable[[int], None]] = None
+  export: Optional[Callable[[Any], str]] = None
+  result: Optional[Callable[[LoopResult], Dict[str, Any]]] = None
+  data_stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  desc: str = "train"
+  tokens_key: str = "real_tokens"
+  progress_key: str = "loss"
+  checkpoint_every: int = 0
+  log_every: int = 10
+  stop_after_steps: int = 0
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """One jitted step lowered on abstract inputs, for ``--dry_run`` (``recipe.dry_run``).
+
+  Attributes:
+    name: e.g. ``"sft.train_step"``. lowered: ``jax.stages.Lowered`` (compiled by the dry run).
+    accum_steps: gradient-accumulation microbatches. batch_shapes: input name -> shape.
+    params / opt_state: the abstract sharded params and optimizer state (counted per device;
+      ``opt_state`` None for a step without one). detail: bytes of parts of the arguments shown
+      separately. extra: bytes live during the step but not its arguments (added to the total).
+    lower_s: seconds spent lowering.
+  """
+
+  name: str
+  lowered: Any
+  accum_steps: int
+  batch_shapes: Dict[str, tuple]
+  params: Any
+  opt_state: Any = None
+  detail: Dict[str, int] = dataclasses.field(default_factory=dict)
+  extra: Dict[str, int] = dataclasses.field(default_factory=dict)
+  lower_s: float = 0.0
+
+
+def shard_bytes(tree: Any) -> int:
+  """Bytes per device of a tree of ``jax.ShapeDtypeStruct`` with shardings (shard shapes; the
+  device holding the most of each leaf; replicated leaves count fully)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def plan_train_step(name: str, setup: StateSetup, step_fn: Callable, abstract_batch: Mapping,
+                    accum_steps: int) -> StepPlan:
+  """:class:`StepPlan` of ``step_fn`` jitted by ``setup`` (donated state, explicit shardings) on
+  ``abstract_batch`` (name -> ``jax.ShapeDtypeStruct``)."""
+  t0 = time.perf_counter()
+  lowered = setup.lower_step(step_fn, abstract_batch)
+  state = setup.abstract_sharded_state()
+  return StepPlan(name, lowered, accum_steps, {k: tuple(v.shape) for k, v in abstract_batch.items()},
+                  state.params, state.opt_state, lower_s=time.perf_counter() - t0)
+
+
+def intervals(config) -> Dict[str, int]:
+  """``Run`` keyword arguments from ``config.train``: ``eval_every``, ``checkpoint_every``,
+  ``log_every``, ``stop_after_steps``."""
+  t = settings.read(config, "train", settings.Train)
+  return {"eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
+          "log_every": t.log_every, "stop_after_steps": t.stop_after_steps}
+
+
+def check_batch(config, section: str, cfg: LlamaConfig, mesh) -> None:
+  """The step's batch ``config.<section>.batch_size`` x ``max_seq_len`` fits the model and splits
+  into ``train.grad_accum_steps`` microbatches that divide over the mesh's data x fsdp axes.
+
+  Raises:
+    ValueError: naming the field.
+  """
+  sec = config[section]
+  b, t, accum = int(sec.batch_size), int(sec.max_seq_len), int(config.train.grad_accum_steps)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if t > cfg.max_seq_len:
+    raise ValueError(f"config.{section}.max_seq_len={t} exceeds the model's "
+                     f"max_seq_len={cfg.max_seq_len}")
+  if accum < 1 or b % accum:
+    raise ValueError(f"config.{section}.batch_size={b} is not divisible by "
+                     f"config.train.grad_accum_steps={accum}")
+  if (b // accum) % shards:
+    raise ValueError(f"microbatch config.{section}.batch_size / grad_accum_steps = {b // accum} "
+                     f"is not divisible by the batch mesh axes data x fsdp = {shards}")
+
+
+class Stage:
+  """A stage of the recipe: what ``config.stage`` names (registry: ``recipe.stages``)."""
+
+  name = ""
+
+  def run(self, config, workdir: str) -> dict:
+    """Run (or resume) the stage in ``workdir``; returns what ``result.json`` holds."""
+    raise NotImplementedError
+
+  def abstract_steps(self, config, mesh) -> List[StepPlan]:
+    """The stage's jitted steps lowered for ``mesh`` on abstract inputs (nothing allocated).
+
+    Raises:
+      ValueError: naming the field, for sizes the mesh cannot split.
+    """
+    del config, mesh
+    return []
+
+  def unavailable(self, config) -> List[str]:
+    """Passes of this stage with no memory plan yet (reported, never guessed)."""
+    del config
+    return []
+
+
+class TrainingStage(Stage):
+  """A stage that is one training loop: subclasses write :meth:`prepare` only."""
+
+  def prepare(self, config, workdir: str) -> Run:
+    """Validate ``config`` and the data and build the :class:`Run`; write nothing.
+
+    Raises:
+      ValueError / FileNotFoundError: naming the field, file or source.
+    """
+    raise NotImplementedError
+
+  def run(self, config, workdir: str) -> dict:
+    return run_stage(self, config, workdir)
+
+
+def _start(run: Run, checkpointer: Checkpointer):
+  """(state, step): the newest checkpoint (data iterator restored in place) or step 0."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return run.init_state(), 0
+  data = run.batches if hasattr(run.batches, "get_state") else None
+  state = checkpointer.restore(run.abstract_state, data)
+  if hasattr(run.batches, "seek"):
+    run.batches.seek(step)
+  return state, step
+
+
+def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
+  """Run ``stage`` in ``workdir`` through the skeleton (module docstring), resuming if it has a
+  checkpoint.
+
+  Returns:
+    ``result.json``'s dict: ``steps``, ``total_steps``, ``finished``, ``stopped_by_signal``,
+    ``stopped_early``, ``train`` (last logged metrics), ``eval`` (last evaluation), the stage's
+    own keys and, when finished, ``final_dir``.
+  Raises:
+    ValueError / FileNotFoundError: from ``stage.prepare``, before anything is written (a new
+      workdir is removed again).
+  """
+  with wd.clean_on_failure(workdir):
+    run = stage.prepare(config, workdir)
+  wd.write_config(workdir, config)
+  wd.write_json(os.path.join(workdir, "data_stats.json"), run.data_stats)
+  t = settings.read(config, "train", settings.Train)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint_every,
+                              t.keep_checkpoints, t.async_checkpoint)
+  writer = MetricWriter(os.path.join(workdir, "logs"))
+  try:
+    state, start = _start(run, checkpointer)
+    res = run_loop(run, state, start, checkpointer, writer)
+  finally:
+    checkpointer.close()
+  finished = res.last_step >= run.total_steps or res.stopped_early
+  out: Dict[str, Any] = {"steps": res.last_step, "total_steps": run.total_steps,
+                         "finished": finished, "stopped_by_signal": res.stopped_by_signal,
+                         "stopped_early": res.stopped_early, "train": res.last_metrics,
+                         "eval": res.last_eval}
+  if run.result is not None:
+    out.update(run.result(res))
+  if finished:
+    out["final_dir"] = (run.export(res.state) if run.export is not None
+                        else wd.export_params(workdir, run.cfg, res.state.params))
+    wd.write_result(workdir, out)
+  writer.close()
+  return out

@@ -1,0 +1,71 @@
+"""train.loop.run_loop: the final checkpoint is written before the final evaluation; early
+stopping; a second stop signal ends a run that does not reach the next step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llama_jax.train import loop
+from llama_jax.train.stage import Run
+from llama_jax.train.checkpoint import Checkpointer
+from llama_jax.train.metrics import MetricWriter
+from llama_jax.train.state import init_train_state
+
+
+def _step(state, batch, rng):
+  del rng
+  params = {"w": state.params["w"] + batch}
+  return state.replace(step=state.step + 1, params=params), {"loss": jnp.sum(batch)}
+
+
+def _run(tmp_path, eval_fn, total_steps=3, **kw):
+  state = init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 0)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=kw.pop("save_every", 0), keep=2,
+                      async_save=True)
+  run = Run(cfg=None, total_steps=total_steps, step_fn=jax.jit(_step),
+            batches=iter([jnp.ones(2)] * 10), abstract_state=None, init_state=None,
+            evaluate=eval_fn, log_every=1, **kw)
+  try:
+    return loop.run_loop(run, state, 0, ckpt, MetricWriter(str(tmp_path / "logs")))
+  finally:
+    ckpt.close()
+
+
+def test_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path):
+  def bad_eval(state, step):
+    raise RuntimeError(f"evaluation failed at step {step}")
+
+  with pytest.raises(RuntimeError, match="step 3"):
+    _run(tmp_path, bad_eval)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False)
+  assert ckpt.latest_step() == 3
+  abstract = jax.eval_shape(lambda: init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 0))
+  restored = ckpt.restore(abstract)
+  np.testing.assert_array_equal(np.asarray(restored.params["w"]), [3.0, 3.0])
+  ckpt.close()
+
+
+def test_final_evaluation_sees_the_final_state(tmp_path):
+  seen = []
+  result = _run(tmp_path, lambda state, step: seen.append((step, float(state.params["w"][0])))
+                or {"score": 1.0})
+  assert seen == [(3, 3.0)] and result.last_eval == {"score": 1.0} and result.last_step == 3
+
+
+def test_should_stop_ends_training_after_an_evaluation_and_saves(tmp_path):
+  evals = []
+  result = _run(tmp_path, lambda state, step: evals.append(step) or {"score": float(step)},
+                total_steps=6, eval_every=2, final_eval=False, should_stop=lambda: len(evals) >= 2)
+  assert evals == [2, 4] and result.stopped_early and result.last_step == 4
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+
+
+def test_eval_at_start_and_on_save_hook(tmp_path):
+  evals, saves = [], []
+  _run(tmp_path, lambda state, step: evals.append(step) or {}, total_steps=4, eval_every=2,
+       eval_at_start=True, final_eval=False, save_every=2, on_save=saves.append)
+  assert evals == [0, 2, 4] and saves == [2, 4]
