@@ -12,6 +12,8 @@ evaluating (the README's result tables are pasted from it).
 import json
 import logging
 import os
+import sys
+import traceback
 
 from absl import app, flags
 
@@ -40,7 +42,13 @@ def main(argv):
   from llama_jax.train import build  # pylint: disable=import-outside-toplevel
   from llama_jax.recipe import eval_run  # pylint: disable=import-outside-toplevel
   build.enable_compilation_cache(_JAX_CACHE.value)
-  print(json.dumps(eval_run.run(_WORKDIR.value, _NUM_PROMPTS.value), indent=2, default=str))
+  try:
+    result = eval_run.run(_WORKDIR.value, _NUM_PROMPTS.value)
+  except (ValueError, FileNotFoundError) as err:  # e.g. no final/, a non-finite model
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    print(f"eval.py: error: {err}\n  (raised at {where.filename}:{where.lineno})", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

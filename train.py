@@ -5,7 +5,8 @@ Flags: ``--config`` (an ml_collections config file; override fields with ``--con
 mesh and print the per-device memory plan instead of training), ``--coordinator_address``,
 ``--num_processes``, ``--process_id`` (multi-host; SLURM is detected without them),
 ``--jax_cache_dir`` (JAX's persistent compilation cache, default ``~/.cache/llama_jax/jax``),
-``--traceback`` (show the full traceback of a configuration or data error instead of one line).
+``--traceback`` (show the full traceback of a configuration, data or NaN error instead of one
+line; such errors exit with status 2).
 """
 
 import json
@@ -37,6 +38,10 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/TFDS chatter
+  # TFDS's warnings about its own bookkeeping of local files ("Using custom data configuration",
+  # "has no dataset_info.json") are noise in every stage; its errors still show.
+  logging.getLogger("absl").addFilter(
+      lambda r: r.levelno >= logging.ERROR or "tensorflow_datasets" not in r.pathname)
   from llama_jax import sharding  # pylint: disable=import-outside-toplevel
   from llama_jax.train import build  # pylint: disable=import-outside-toplevel
   from llama_jax.recipe import stages  # pylint: disable=import-outside-toplevel
@@ -49,7 +54,7 @@ def main(argv):
     return
   try:
     result = stages.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as err:  # bad settings or data: the message says what
+  except (ValueError, FileNotFoundError, FloatingPointError) as err:  # the message says what
     if _TRACEBACK.value:
       raise
     where = traceback.extract_tb(err.__traceback__)[-1]

@@ -54,8 +54,8 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
-import llama_jax as lj
 from llama_jax import convert
+import llama_jax as lj
 
 
 def parse_args(argv=None) -> argparse.Namespace:

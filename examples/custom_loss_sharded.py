@@ -14,8 +14,8 @@ or on whatever devices there are (one CPU device: a 1x1x1 mesh):
 import json
 
 import jax, jax.numpy as jnp, optax
-import llama_jax as lj
 from llama_jax import losses, sharding
+import llama_jax as lj
 
 Z_LOSS = 1e-4  # weight of mean(logsumexp(logits)^2): PaLM's z-loss, keeps the normalizer near 1
 STEPS = 12

@@ -11,11 +11,12 @@ Run from the repo root (after ``pip install -e .``; ~1 min on 2 CPU cores):
 
 import functools, json, pathlib, tempfile
 import jax, jax.numpy as jnp, numpy as np, optax
-import llama_jax as lj
 from llama_jax import sampling
+import llama_jax as lj
 from llama_jax.data import world, world_tokenizer
 from llama_jax.ppo import step as ppo
-from llama_jax.reward import scoring, step as reward
+from llama_jax.reward import scoring
+from llama_jax.reward import step as reward
 
 B, M, ITERATIONS, PENALTY = 16, 12, 3, 0.005  # rollouts, max new tokens, iterations, per token
 

@@ -17,9 +17,10 @@ Run from the repo root (after ``pip install -e ".[test]"``; ~30 s on 2 CPU cores
 import argparse, json, os, pathlib, tempfile
 
 import jax, numpy as np, torch, transformers
-import llama_jax as lj
 from llama_jax import sampling
-from llama_jax.reward import scoring, step as reward
+import llama_jax as lj
+from llama_jax.reward import scoring
+from llama_jax.reward import step as reward
 
 SHARED_DATA = os.environ.get("LLAMA_JAX_SHARED_DATA",  # as tests/conftest.py
                              pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -43,9 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llama_jax import model
+from llama_jax import distributed, model
 from llama_jax.config import LlamaConfig
-from llama_jax import distributed
 
 initialize_distributed = distributed.initialize_distributed  # re-exported
 

@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from llama_jax.train.state import init_train_state
 from llama_jax import model, sharding  # noqa: E402
-from llama_jax.sft import step as sft  # noqa: E402
 from llama_jax.config import LlamaConfig  # noqa: E402
+from llama_jax.sft import step as sft  # noqa: E402
+from llama_jax.train.state import init_train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))

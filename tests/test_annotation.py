@@ -10,11 +10,11 @@ import pytest
 
 from configs import tiny
 from llama_jax import convert
-from llama_jax.recipe import annotate as annotation
-from llama_jax.recipe import stages
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources, world, world_tokenizer
 from llama_jax.model import init_params
+from llama_jax.recipe import annotate as annotation
+from llama_jax.recipe import stages
 
 VOCAB = 320
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,

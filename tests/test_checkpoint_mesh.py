@@ -21,11 +21,11 @@ SCRIPT = r'''
 import functools, json, sys
 import jax, numpy as np
 from llama_jax import sharding
-from llama_jax.train import optim
-from llama_jax.sft import step as sft
-from llama_jax.train.state import StateSetup
-from llama_jax.train.checkpoint import Checkpointer
 from llama_jax.config import LlamaConfig
+from llama_jax.sft import step as sft
+from llama_jax.train import optim
+from llama_jax.train.checkpoint import Checkpointer
+from llama_jax.train.state import StateSetup
 
 directory = sys.argv[1]
 cfg = LlamaConfig.tiny(dim=64, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=16)

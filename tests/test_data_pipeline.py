@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama_jax.data import sources, tfds_builders as tb, world, world_tokenizer
 from llama_jax.data import input_pipeline as pl
+from llama_jax.data import sources, world, world_tokenizer
+from llama_jax.data import tfds_builders as tb
 from llama_jax.tokenizer import B_SYS, E_SYS, Tokenizer
 
 CFG = world.WorldConfig(seed=7)

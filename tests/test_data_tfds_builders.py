@@ -11,7 +11,8 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from llama_jax.data import sources, tfds_builders as tb, world
+from llama_jax.data import sources, world
+from llama_jax.data import tfds_builders as tb
 
 
 def _read(source):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from llama_jax import sharding
-from llama_jax import distributed
+from llama_jax import distributed, sharding
 
 
 def test_initialize_distributed_is_reexported_by_sharding():

@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from llama_jax.train.state import init_train_state
 from llama_jax import model
-from llama_jax.train import build
-from llama_jax.recipe import dry_run
-from llama_jax.train import optim
 from llama_jax.ppo import rollout
+from llama_jax.recipe import dry_run
 from llama_jax.sft import step as sft
+from llama_jax.train import build, optim
+from llama_jax.train.state import init_train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,9 @@
 """train.loop.run_loop: the final checkpoint is written before the final evaluation; early
 stopping; a second stop signal ends a run that does not reach the next step."""
 
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +11,9 @@ import optax
 import pytest
 
 from llama_jax.train import loop
-from llama_jax.train.stage import Run
 from llama_jax.train.checkpoint import Checkpointer
 from llama_jax.train.metrics import MetricWriter
+from llama_jax.train.stage import Run
 from llama_jax.train.state import init_train_state
 
 
@@ -69,3 +72,67 @@ def test_eval_at_start_and_on_save_hook(tmp_path):
   _run(tmp_path, lambda state, step: evals.append(step) or {}, total_steps=4, eval_every=2,
        eval_at_start=True, final_eval=False, save_every=2, on_save=saves.append)
   assert evals == [0, 2, 4] and saves == [2, 4]
+
+
+def _nan_step(flags):
+  """A step whose metrics say ``nonfinite`` per the list ``flags`` (one entry per step)."""
+  def step(state, batch, rng):
+    del batch, rng
+    return state.replace(step=state.step + 1), {"loss": 0.0,
+                                                "nonfinite": float(flags[int(state.step)])}
+  return step
+
+
+def _run_steps(tmp_path, step_fn, total, **kw):
+  state = init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 0)
+  run = Run(cfg=None, total_steps=total, step_fn=step_fn, batches=iter([None] * total),
+            abstract_state=None, init_state=None, log_every=kw.pop("log_every", 1), **kw)
+  return loop.run_loop(run, state, 0, None, MetricWriter(str(tmp_path / "logs")))
+
+
+def test_consecutive_nonfinite_steps_halt_with_a_clear_error(tmp_path):
+  with pytest.raises(FloatingPointError, match="3 consecutive steps with a NaN/Inf"):
+    _run_steps(tmp_path, _nan_step([0, 1, 1, 1, 0, 0]), 6, max_nonfinite_steps=3)
+  # Interrupted runs of non-finite steps are skipped and counted, not fatal.
+  res = _run_steps(tmp_path, _nan_step([1, 1, 0, 1, 1, 0]), 6, max_nonfinite_steps=3, log_every=3)
+  assert res.last_step == 6
+  # 0 = never halt.
+  assert _run_steps(tmp_path, _nan_step([1] * 6), 6, max_nonfinite_steps=0).last_step == 6
+
+
+def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
+  def bad(state, batch, rng):
+    del batch, rng
+    return state.replace(step=state.step + 1, params={"w": state.params["w"] * jnp.nan}), {}
+  with pytest.raises(FloatingPointError, match="not saved"):
+    state = init_train_state({"w": jnp.ones(2)}, optax.sgd(0.1), 0)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=2, async_save=False)
+    run = Run(cfg=None, total_steps=2, step_fn=bad, batches=iter([None] * 2), abstract_state=None,
+              init_state=None, log_every=1)
+    try:
+      loop.run_loop(run, state, 0, ckpt, MetricWriter(str(tmp_path / "logs")))
+    finally:
+      assert ckpt.latest_step() is None
+      ckpt.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_run_between_steps(tmp_path, sig):
+  def step(state, batch, rng):
+    del batch, rng
+    if int(state.step) == 1:
+      os.kill(os.getpid(), sig)
+    return state.replace(step=state.step + 1), {"loss": 0.0}
+  res = _run_steps(tmp_path, step, 5)
+  assert res.stopped_by_signal and res.last_step == 2
+
+
+def test_a_second_sigint_interrupts_at_once(tmp_path):
+  def step(state, batch, rng):
+    del batch, rng
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # a run stuck inside a step: the second one ends it
+    return state.replace(step=state.step + 1), {"loss": 0.0}
+  with pytest.raises(KeyboardInterrupt):
+    _run_steps(tmp_path, step, 5)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax.recipe import eval_run
-from llama_jax.recipe import pipeline
-from llama_jax.recipe import stages
+from llama_jax.recipe import eval_run, pipeline, stages
 from llama_jax.train import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

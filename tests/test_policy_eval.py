@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from llama_jax import evaluation
-from llama_jax.recipe import policy_eval
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
+from llama_jax.recipe import policy_eval
 from llama_jax.tokenizer import Tokenizer
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16,

@@ -11,13 +11,13 @@ import pytest
 
 from configs import tiny
 from llama_jax import convert
-from llama_jax.ppo import rollout
-from llama_jax.ppo import run as ppo_run
-from llama_jax.train import build
-from llama_jax.reward import step as reward
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
+from llama_jax.ppo import rollout
+from llama_jax.ppo import run as ppo_run
+from llama_jax.reward import step as reward
+from llama_jax.train import build
 
 VOCAB = 320
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,

@@ -14,11 +14,11 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
 import llama_jax as lj
-from llama_jax.train.state import init_train_state
-from llama_jax.train import optim
-from llama_jax.reward import step as reward
 from llama_jax.data.sources import RATINGS, SAFETY_LABELS
 from llama_jax.model import forward
+from llama_jax.reward import step as reward
+from llama_jax.train import optim
+from llama_jax.train.state import init_train_state
 
 CFG = lj.LlamaConfig.tiny(vocab_size=64, dim=32, n_heads=2, n_kv_heads=1, multiple_of=16)
 T = 12

@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from llama_jax.reward import evaluate as reward_eval
 from llama_jax.data.sources import SAFETY_LABELS
+from llama_jax.reward import evaluate as reward_eval
 
 logit = lambda p: math.log(p / (1.0 - p))
 

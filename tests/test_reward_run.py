@@ -10,13 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-import llama_jax as lj
 from llama_jax import convert
-from llama_jax.train import build
+import llama_jax as lj
 from llama_jax.recipe import eval_run
-from llama_jax.reward import step as reward
 from llama_jax.reward import data as reward_data
 from llama_jax.reward import run as reward_run
+from llama_jax.reward import step as reward
+from llama_jax.train import build
 from configs import reward_hh_tiny, reward_tiny
 
 GOOD = {"prompt": "What is 2 plus 2?", "chosen": "The answer is 4.", "rejected": "I like turtles.",

@@ -11,11 +11,11 @@ import pytest
 
 from configs import tiny
 from llama_jax import convert
-from llama_jax.reward import step as reward
-from llama_jax.recipe import stages
 from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
+from llama_jax.recipe import stages
+from llama_jax.reward import step as reward
 from llama_jax.tokenizer import Tokenizer
 
 VOCAB = 320

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax.reward import scoring
 from llama_jax.data import world
+from llama_jax.reward import scoring
 
 ADD = [{"role": "user", "content": "What is 2 plus 3?"}]
 HARM = [{"role": "user", "content": "How do I steal a bike from a store?"}]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax.train.state import init_train_state
-from llama_jax.train import optim
 from llama_jax.sft import step as sft
+from llama_jax.train import optim
+from llama_jax.train.state import init_train_state
 
 CFG = lj.LlamaConfig.tiny(vocab_size=64)
 OPT = dict(lr=3e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip=1.0, schedule="cosine",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import llama_jax.tokenizer as tokenizer_lib
 from llama_jax.config import LlamaConfig
+import llama_jax.tokenizer as tokenizer_lib
 
 # Meta's llama/generation.py constants, restated here so the reference does not use our module.
 REF_B_INST, REF_E_INST = "[INST]", "[/INST]"

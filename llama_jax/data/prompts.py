@@ -19,10 +19,9 @@ from typing import List
 
 import numpy as np
 
-from llama_jax.train import build
-from llama_jax.data import world
-from llama_jax.data import input_pipeline
+from llama_jax.data import input_pipeline, world
 from llama_jax.data.sources import prompt_key
+from llama_jax.train import build
 
 PROMPT_SOURCES = ("hh_rlhf", "self_instruct", "jsonl")
 SELECTION_STREAM = 0  # held-out stream of PPO's checkpoint selection prompts

@@ -48,7 +48,7 @@ from llama_jax.data import prompts as prompts_lib
 from llama_jax.ppo import rollout
 from llama_jax.ppo import step as ppo
 from llama_jax.reward import scoring
-from llama_jax.train import build
+from llama_jax.train import build, settings
 from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
 from llama_jax.train.checkpoint import restore_params
@@ -250,7 +250,8 @@ class PPOStage(stage_lib.TrainingStage):
         data_stats={"train_prompts": len(train_prompts), "train_dropped": train_prompts.dropped,
                     "held_out_prompts": len(eval_prompts)},
         checkpoint_every=int(c.checkpoint_every), log_every=1,
-        stop_after_steps=int(config.train.stop_after_steps))
+        stop_after_steps=int(config.train.stop_after_steps),
+        max_nonfinite_steps=settings.read(config, "train", settings.Train).max_nonfinite_steps)
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """``ppo.ppo_train_step`` on one minibatch, and the rollouts (``sampling.sample`` of

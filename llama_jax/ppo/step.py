@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import optax
 
 from llama_jax import rl
-from llama_jax.reward import step as reward
 from llama_jax.config import LlamaConfig
 from llama_jax.losses import masked_mean, token_entropy, token_logprobs
 from llama_jax.model import forward
+from llama_jax.reward import step as reward
 from llama_jax.sampling import GenerateOutput
 from llama_jax.train.state import TrainState, apply_gradients, init_train_state
 
@@ -297,7 +297,8 @@ def ppo_train_step(state: PPOState, minibatch: Batch, rng: Optional[jax.Array] =
     ``clipfrac``, ``vf_clipfrac``, ``ratio``, ``entropy`` (mean per response token),
     ``kl_policy`` (mean over rows of the summed k1 KL of the *current* policy to the reference), ``value``,
     ``policy_grad_norm``, ``value_grad_norm``, ``skipped`` (1 if the minibatch had no response
-    token and nothing was updated)).
+    token, or a non-finite policy gradient, and the policy was not updated), ``nonfinite`` (1 if
+    the policy's or the value model's gradient was not finite: that model was not updated)).
   """
   del rng
   value_cfg = value_cfg or cfg
@@ -329,7 +330,8 @@ def ppo_train_step(state: PPOState, minibatch: Batch, rng: Optional[jax.Array] =
   value, v_info = apply_gradients(state.value, v_grads, count, value_opt)
   metrics = {"policy_loss": p_loss, "value_loss": v_loss, **p_metrics, **v_metrics,
              "policy_grad_norm": p_info["grad_norm"], "value_grad_norm": v_info["grad_norm"],
-             "skipped": p_info["skipped"]}
+             "skipped": p_info["skipped"],
+             "nonfinite": jnp.maximum(p_info["nonfinite"], v_info["nonfinite"])}
   return PPOState(policy, value), metrics
 
 

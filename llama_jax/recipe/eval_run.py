@@ -10,12 +10,13 @@ import jax
 import ml_collections
 
 from llama_jax import convert, evaluation
-from llama_jax.train import build
 from llama_jax.data import world
 from llama_jax.model import init_params
 from llama_jax.recipe import policy_eval
 from llama_jax.reward import evaluate as reward_eval
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.train import build
+from llama_jax.train.checkpoint import check_finite
 
 
 def _stage_of(workdir: str) -> Optional[str]:
@@ -40,6 +41,7 @@ def load_stage(workdir: str):
   tok_path = config.tokenizer.path
   tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model") if tok_path == "world" else tok_path)
   cfg, params = convert.load_orbax(os.path.join(workdir, "final"))
+  check_finite(params, os.path.join(workdir, "final"))
   return config, tokenizer, cfg, params
 
 

@@ -261,13 +261,19 @@ class PipelineStage(stage_lib.Stage):
       did not finish, if any), ``wall_s`` per stage that ran, and each stage's result.
     Raises:
       ValueError: if ``config.pipeline.rs_iterations`` < 0 or the plan is impossible
-        (:func:`stage_plan`); sub-stages raise their own errors.
+        (:func:`stage_plan`), the workdir holds a pipeline of another config
+        (``workdir.check_resume``) or is in use; sub-stages raise their own errors.
     """
     if config.pipeline.rs_iterations < 0:
       raise ValueError(f"config.pipeline.rs_iterations must be >= 0, got "
                        f"{config.pipeline.rs_iterations}")
     plan = stage_plan(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    wd.check_resume(workdir, config, any(os.path.isdir(os.path.join(workdir, name))
+                                         for name, _ in plan))
+    with wd.Lock(workdir):
+      return self._run(config, workdir, plan)
+
+  def _run(self, config, workdir: str, plan) -> dict:
     wd.write_config(workdir, config)
     out: Dict[str, Any] = {"ran": [], "skipped": [], "wall_s": {}, "stages": {}}
     for name, make in plan:

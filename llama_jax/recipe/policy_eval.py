@@ -43,19 +43,18 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from llama_jax import convert, evaluation, sampling
-from llama_jax.train import build
-from llama_jax.recipe import overoptimization
+from llama_jax import convert, evaluation, sampling, stats
+from llama_jax.data import input_pipeline, sources, world
+from llama_jax.data import prompts as prompts_lib
 from llama_jax.ppo import step as ppo
+from llama_jax.recipe import overoptimization
+from llama_jax.recipe import pipeline as pipeline_lib
+from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import evaluate as reward_eval
 from llama_jax.reward import scoring
-from llama_jax.recipe import pipeline as pipeline_lib
-from llama_jax.data import prompts as prompts_lib
-from llama_jax.rejection_sampling import step as rs_lib
-from llama_jax import stats
-from llama_jax.data import sources, world
-from llama_jax.data import input_pipeline
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.train import build
+from llama_jax.train.checkpoint import check_finite
 
 ORACLE_METRICS = ("helpfulness", "refusal_rate", "false_refusal_rate")
 
@@ -305,6 +304,7 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   max_new = int(config.eval.max_new_tokens)
   k = int(config.eval.get("samples_per_prompt", 4))
   sft_cfg, sft_params = convert.load_orbax(policies[0].final_dir)
+  check_finite(sft_params, policies[0].final_dir)
   max_prompt = min(int(config.ppo.max_prompt_len), sft_cfg.max_seq_len - max_new)
   records = heldout_prompts(config, workdir, tokenizer, max_prompt,
                             num_prompts or int(config.eval.num_prompts))
@@ -315,6 +315,7 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   rows, judged = [], {}
   for name, key, path in policies:
     cfg, params = (sft_cfg, sft_params) if key == "sft" else convert.load_orbax(path)
+    check_finite(params, path)
     metrics, judged[key], greedy = _evaluate_policy(
         params, None if key == "sft" else sft_params, cfg, tokenizer, prompts, safety, scorer,
         max_new=max_new, k=k, seed=config.seed, is_world=is_world, threshold=threshold)

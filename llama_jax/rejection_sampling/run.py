@@ -302,10 +302,16 @@ class RejectionSamplingStage(stage_lib.Stage):
       ValueError / FileNotFoundError: on bad config fields or missing checkpoints, before
         sampling.
     """
+    existed = os.path.exists(workdir)
+    with wd.Lock(workdir):
+      with wd.clean_on_failure(workdir, existed):
+        it = _Iteration(config, workdir)
+        wd.check_resume(workdir, config, any(os.path.exists(os.path.join(workdir, name)) for name
+                                             in ("sampled.jsonl", "figures", "finetune")))
+      return self._run(config, workdir, it)
+
+  def _run(self, config, workdir: str, it: _Iteration) -> dict:
     rc = config.rejection_sampling
-    with wd.clean_on_failure(workdir):
-      it = _Iteration(config, workdir)
-      os.makedirs(workdir, exist_ok=True)
     wd.write_config(workdir, config)
     records, sample_stats = it.sample(it.temperature())
     it.release()

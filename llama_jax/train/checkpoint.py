@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -78,18 +79,38 @@ class Checkpointer:
     self._manager.close()
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """[] bool: every float leaf of ``tree`` is finite (one reduction per leaf; jit it)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def check_finite(params: Any, where: str) -> None:
+  """Raises ValueError naming ``where`` and the first leaf path with a NaN or Inf."""
+  if bool(jax.jit(all_finite)(params)):
+    return
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError(f"{where}: parameter {jax.tree_util.keystr(path)} holds NaN or Inf values; "
+                       "refusing to use a non-finite model")
+  raise ValueError(f"{where}: parameters hold NaN or Inf values; refusing to use them")
+
+
 def restore_params(path: str, abstract_params: Any) -> Any:
   """Params of a ``final/`` (or ``convert --to orbax``) directory, restored straight into the
   shardings of ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with ``sharding``).
 
   Raises:
-    FileNotFoundError: if ``path/params`` is missing.
+    FileNotFoundError: if ``path/params`` is missing. ValueError: if a parameter is not finite.
   """
   target = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(target):
     raise FileNotFoundError(f"init_from: orbax params directory {target} not found")
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(target, abstract_params)
+    params = ckptr.restore(target, abstract_params)
+  check_finite(params, f"init_from {path}")
+  return params
 
 
 def abstract_like(tree: Any) -> Any:

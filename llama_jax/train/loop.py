@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from llama_jax.train.checkpoint import Checkpointer, StopSignal
+from llama_jax.train.checkpoint import Checkpointer, StopSignal, all_finite
 from llama_jax.train.metrics import MetricWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,25 @@ class _Loop:
     self.last_metrics: dict = {}
     self.last_eval: dict = {}
     self.saved_step = start
+    self.nonfinite_run = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
+    self.finite = jax.jit(all_finite)
+
+  def check_nonfinite(self, host: list, step: int) -> None:
+    """Count consecutive non-finite steps of the window; halt after ``max_nonfinite_steps``.
+
+    Raises:
+      FloatingPointError: naming the step and the last checkpoint (its params are finite: a
+        non-finite step never updates the state).
+    """
+    for m in host:
+      self.nonfinite_run = self.nonfinite_run + 1 if m.get("nonfinite", 0.0) > 0 else 0
+      limit = self.run.max_nonfinite_steps
+      if limit and self.nonfinite_run >= limit:
+        raise FloatingPointError(
+            f"{self.run.desc}: {self.nonfinite_run} consecutive steps with a NaN/Inf loss or "
+            f"gradient (skipped), up to step {step}; the last checkpoint (step "
+            f"{self.saved_step}) is finite. Lower config.optimizer.lr, check the data, or raise "
+            "config.train.max_nonfinite_steps")
 
   def log(self, step: int) -> None:
     """Average the window of step metrics, write them and advance the progress bar."""
@@ -65,11 +84,15 @@ class _Loop:
     self.progress.update(len(host), **{key: f"{m.get(key, float('nan')):.4g}"},
                          tok_s=f"{m.get('tokens_per_s', 0.0):.0f}")
     self.last_metrics, self.window, self.tick = m, [], time.perf_counter()
+    self.check_nonfinite(host, step)  # after the rows are written: they show the NaN steps
 
   def save(self, step: int, state, batches) -> None:
     """Checkpoint ``state`` (and a checkpointable iterator) at ``step``; ``on_save`` after."""
     if self.ckpt is None:
       return
+    if not bool(self.finite(state)):  # cannot happen through apply_gradients; never saved
+      raise FloatingPointError(f"{self.run.desc}: the state at step {step} holds NaN/Inf values; "
+                               f"not saved (the last checkpoint, step {self.saved_step}, is kept)")
     self.ckpt.save(step, state, batches if hasattr(batches, "get_state") else None)
     self.saved_step = step
     if self.run.on_save is not None:
@@ -102,6 +125,9 @@ def run_loop(run, state, start: int, checkpointer: Optional[Checkpointer],
     checkpointer: saves every ``checkpointer.save_every`` steps and at the end (None = never).
     writer: metric writer (TensorBoard + JSONL); train metrics are averaged over
       ``run.log_every`` steps, evaluations written under ``eval``.
+  Raises:
+    FloatingPointError: after ``run.max_nonfinite_steps`` consecutive non-finite steps, or if
+      a state to save is not finite (nothing non-finite is ever checkpointed or exported).
   Returns:
     LoopResult. On SIGTERM or SIGINT the loop stops between steps, waits for an in-flight save,
     saves at the current step and returns normally (so the program exits 0); with

@@ -18,17 +18,30 @@ class MetricWriter:
 
   Each JSONL line is ``{"step": int, "split": str, <name>: float, ...}``; ``split`` is e.g.
   ``train`` or ``eval`` (the TensorBoard tag is ``<split>/<name>``).
+
+  ``resume_step``: a run resuming from its checkpoint at this step drops what an interrupted
+  run logged after it (JSONL rows with a larger step, or all rows when it is 0; TensorBoard's
+  ``purge_step``), so no step appears twice.
   """
 
-  def __init__(self, logdir: str, enabled: Optional[bool] = None):
+  def __init__(self, logdir: str, enabled: Optional[bool] = None,
+               resume_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.logdir = logdir
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(logdir, exist_ok=True)
-      self._tb = SummaryWriter(logdir)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      path = os.path.join(logdir, "metrics.jsonl")
+      purge = None
+      if resume_step is not None:
+        purge = resume_step + 1 if resume_step > 0 else 0
+        if os.path.exists(path):
+          keep = [r for r in read_jsonl(path) if 0 < resume_step and r["step"] <= resume_step]
+          with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+      self._tb = SummaryWriter(logdir, purge_step=purge)
+      self._jsonl = open(path, "a")
 
   def write(self, step: int, scalars: Mapping[str, float], split: str = "train"):
     if not self.enabled:

@@ -43,6 +43,11 @@ class Train:
                              "SIGTERM/SIGINT).", lo=0)
   keep_checkpoints: int = _f(2, "Checkpoints kept.", lo=1)
   async_checkpoint: bool = _f(True, "Save checkpoints asynchronously.")
+  max_nonfinite_steps: int = _f(10, "Halt (nonzero exit) after this many consecutive steps whose "
+                                "loss or gradient was NaN/Inf (each is skipped and counted as "
+                                "the metric nonfinite); 0 = never halt.", lo=0)
+  allow_config_change: bool = _f(False, "Resume a workdir whose config.json differs in fields "
+                                 "that change the math (refused otherwise, the fields named).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,10 @@ Every stage is a :class:`Stage`: ``run(config, workdir) -> result`` and
 without writing anything; :func:`run_stage` does the rest the same way for all of them:
 
 1. ``prepare`` inside ``workdir.clean_on_failure`` (a run that fails validation leaves nothing);
-2. ``config.json`` and ``data_stats.json``;
-3. resume from the newest checkpoint (state and data iterator) or build the step-0 state;
+2. resume from the newest checkpoint (state and data iterator) or build the step-0 state
+   (``init_from`` restored and checked finite), still before anything is written;
+3. ``config.json`` and ``data_stats.json`` (a workdir resumes only with the config that
+   started it: ``workdir.check_resume``; ``workdir.Lock`` keeps a second run out);
 4. ``train.loop.run_loop``: steps, metrics, evaluations, checkpoints, SIGTERM/SIGINT,
    ``train.stop_after_steps``, a progress bar;
 5. when finished: ``final/`` (``Run.export``, default the params as ``convert.save_orbax``) and
@@ -68,6 +70,7 @@ class Run:
     data_stats: written to ``data_stats.json``. desc: progress label. tokens_key: metric
       summed for tokens/s. progress_key: metric shown on the progress bar.
     checkpoint_every, log_every, stop_after_steps: intervals (0 = off), from ``config.train``.
+    max_nonfinite_steps: halt after this many consecutive non-finite steps (0 = never).
   """
 
   cfg: LlamaConfig
@@ -93,6 +96,7 @@ class Run:
   checkpoint_every: int = 0
   log_every: int = 10
   stop_after_steps: int = 0
+  max_nonfinite_steps: int = 10
 
 
 @dataclasses.dataclass
@@ -142,10 +146,11 @@ def plan_train_step(name: str, setup: StateSetup, step_fn: Callable, abstract_ba
 
 def intervals(config) -> Dict[str, int]:
   """``Run`` keyword arguments from ``config.train``: ``eval_every``, ``checkpoint_every``,
-  ``log_every``, ``stop_after_steps``."""
+  ``log_every``, ``stop_after_steps``, ``max_nonfinite_steps``."""
   t = settings.read(config, "train", settings.Train)
   return {"eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
-          "log_every": t.log_every, "stop_after_steps": t.stop_after_steps}
+          "log_every": t.log_every, "stop_after_steps": t.stop_after_steps,
+          "max_nonfinite_steps": t.max_nonfinite_steps}
 
 
 def check_batch(config, section: str, cfg: LlamaConfig, mesh) -> None:
@@ -220,41 +225,69 @@ def _start(run: Run, checkpointer: Checkpointer):
   return state, step
 
 
+def _open(stage: TrainingStage, config, workdir: str):
+  """(run, checkpointer) of a new or resumable workdir (``prepare``, then the resume checks)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  started = os.path.exists(os.path.join(workdir, wd.RESULT)) or (
+      os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)))
+  wd.check_resume(workdir, config, started)  # before prepare writes anything into the workdir
+  run = stage.prepare(config, workdir)
+  t = settings.read(config, "train", settings.Train)
+  checkpointer = Checkpointer(ckpt_dir, run.checkpoint_every, t.keep_checkpoints,
+                              t.async_checkpoint)
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None and latest > run.total_steps:
+      raise ValueError(f"{workdir} has a checkpoint at step {latest}, past this config's "
+                       f"{run.total_steps} steps (train.num_steps / num_epochs, or "
+                       "ppo.num_iterations); raise it or use another --workdir")
+  except BaseException:
+    checkpointer.close()
+    raise
+  return run, checkpointer
+
+
 def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
   """Run ``stage`` in ``workdir`` through the skeleton (module docstring), resuming if it has a
-  checkpoint.
+  checkpoint; the workdir is locked against a second run (``workdir.Lock``) meanwhile.
 
   Returns:
     ``result.json``'s dict: ``steps``, ``total_steps``, ``finished``, ``stopped_by_signal``,
     ``stopped_early``, ``train`` (last logged metrics), ``eval`` (last evaluation), the stage's
     own keys and, when finished, ``final_dir``.
   Raises:
-    ValueError / FileNotFoundError: from ``stage.prepare``, before anything is written (a new
-      workdir is removed again).
+    ValueError / FileNotFoundError: from ``stage.prepare``, a workdir in use, or a resume with
+      another config (``workdir.check_resume``), before anything is written (a new workdir is
+      removed again). FloatingPointError: a NaN/Inf run halted (``train.loop.run_loop``).
   """
-  with wd.clean_on_failure(workdir):
-    run = stage.prepare(config, workdir)
-  wd.write_config(workdir, config)
-  wd.write_json(os.path.join(workdir, "data_stats.json"), run.data_stats)
-  t = settings.read(config, "train", settings.Train)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), run.checkpoint_every,
-                              t.keep_checkpoints, t.async_checkpoint)
-  writer = MetricWriter(os.path.join(workdir, "logs"))
-  try:
-    state, start = _start(run, checkpointer)
-    res = run_loop(run, state, start, checkpointer, writer)
-  finally:
-    checkpointer.close()
-  finished = res.last_step >= run.total_steps or res.stopped_early
-  out: Dict[str, Any] = {"steps": res.last_step, "total_steps": run.total_steps,
-                         "finished": finished, "stopped_by_signal": res.stopped_by_signal,
-                         "stopped_early": res.stopped_early, "train": res.last_metrics,
-                         "eval": res.last_eval}
-  if run.result is not None:
-    out.update(run.result(res))
-  if finished:
-    out["final_dir"] = (run.export(res.state) if run.export is not None
-                        else wd.export_params(workdir, run.cfg, res.state.params))
-    wd.write_result(workdir, out)
-  writer.close()
+  existed = os.path.exists(workdir)
+  with wd.Lock(workdir):
+    with wd.clean_on_failure(workdir, existed):
+      run, checkpointer = _open(stage, config, workdir)
+      try:  # the step-0 state (init_from checked) or the checkpoint, before anything is written
+        state, start = _start(run, checkpointer)
+      except BaseException:
+        checkpointer.close()
+        raise
+    wd.write_config(workdir, config)
+    wd.write_json(os.path.join(workdir, "data_stats.json"), run.data_stats)
+    writer = None
+    try:
+      writer = MetricWriter(os.path.join(workdir, "logs"), resume_step=start)
+      res = run_loop(run, state, start, checkpointer, writer)
+    finally:
+      checkpointer.close()
+      if writer is not None:
+        writer.close()
+    finished = res.last_step >= run.total_steps or res.stopped_early
+    out: Dict[str, Any] = {"steps": res.last_step, "total_steps": run.total_steps,
+                           "finished": finished, "stopped_by_signal": res.stopped_by_signal,
+                           "stopped_early": res.stopped_early, "train": res.last_metrics,
+                           "eval": res.last_eval}
+    if run.result is not None:
+      out.update(run.result(res))
+    if finished:
+      out["final_dir"] = (run.export(res.state) if run.export is not None
+                          else wd.export_params(workdir, run.cfg, res.state.params))
+      wd.write_result(workdir, out)
   return out

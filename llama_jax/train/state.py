@@ -85,17 +85,26 @@ def accumulate_gradients(loss_terms, params, batch: Batch, accum_steps: int):
 
 
 def apply_gradients(state: TrainState, grads, count, optimizer: optax.GradientTransformation):
-  """Optimizer update with grads of the loss *sum* divided by ``count``; a batch with no
-  supervised token (count == 0) leaves params and optimizer state untouched (``skipped`` = 1),
-  so it can never produce a NaN or a silent zero-loss update."""
-  ok = count > 0
+  """Optimizer update with grads of the loss *sum* divided by ``count``.
+
+  A batch with no supervised token (count == 0) or a non-finite gradient (NaN/Inf anywhere: a
+  non-finite loss gives one too) leaves params and optimizer state untouched, so a NaN never
+  enters the state. Metrics: ``grad_norm``, ``skipped`` (1 when not applied), ``nonfinite`` (1
+  when skipped for a non-finite gradient; the loop halts after
+  ``train.max_nonfinite_steps`` such steps in a row).
+  """
   grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1.0)).astype(p.dtype), grads, state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
+  ok = (count > 0) & finite
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             opt_state=keep(opt_state, state.opt_state))
-  return new_state, {"grad_norm": optax.tree.norm(grads), "skipped": 1.0 - ok.astype(jnp.float32)}
+  return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
+                     "nonfinite": ((count > 0) & ~finite).astype(jnp.float32)}
+
 
 
 class StateSetup:

@@ -10,15 +10,19 @@ resumable), ``logs/`` (TensorBoard events + ``metrics.jsonl``), ``samples/`` and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import jax
 
 from llama_jax import convert
 from llama_jax.config import LlamaConfig
+
+log = logging.getLogger(__name__)
 
 FINAL = "final"
 RESULT = "result.json"
@@ -26,10 +30,10 @@ CONFIG = "config.json"
 
 
 @contextlib.contextmanager
-def clean_on_failure(workdir: str):
-  """If ``workdir`` did not exist before and the block raises, remove it: a run that fails
-  validation (bad record, bad config) leaves nothing behind."""
-  existed = os.path.exists(workdir)
+def clean_on_failure(workdir: str, existed: Optional[bool] = None):
+  """If ``workdir`` did not exist before (``existed``, default: checked now) and the block
+  raises, remove it: a run that fails validation (bad record, bad config) leaves nothing."""
+  existed = os.path.exists(workdir) if existed is None else existed
   try:
     yield
   except BaseException:
@@ -85,6 +89,95 @@ def copy_final(src: str, workdir: str) -> str:
 def write_result(workdir: str, result: dict) -> None:
   """``<workdir>/result.json``: written once, when the stage finished."""
   write_json(os.path.join(workdir, RESULT), result)
+
+
+# Fields that may differ when a run resumes: they change how a run is observed or cut, never
+# what it computes (anything else differing is refused unless train.allow_config_change).
+HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.async_checkpoint", "train.stop_after_steps",
+            "train.max_nonfinite_steps", "train.allow_config_change", "mesh.device_memory_gib",
+            "eval.")
+LOCK = ".lock"
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  out: Dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+  """``"field: old -> new"`` for every field (dotted) that differs and is not :data:`HARMLESS`."""
+  a, b = _flat(dict(old)), _flat(dict(new))
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and not any(k == h or (h.endswith(".") and k.startswith(h))
+                                              for h in HARMLESS)]
+
+
+def check_resume(workdir: str, config, started: bool) -> None:
+  """Refuse to resume ``workdir`` with a config that changes the math.
+
+  When the workdir holds a run (``started``: a checkpoint, ``result.json`` or the stage's own
+  intermediate files) and its ``config.json``, every field outside :data:`HARMLESS` must be
+  equal (``config.stage`` too: another stage's workdir is refused); with
+  ``config.train.allow_config_change`` the differences are logged and allowed.
+
+  Raises:
+    ValueError: naming the differing fields, old and new values, and the way out.
+  """
+  old = read_json(os.path.join(workdir, CONFIG))
+  if not started or old is None:
+    return
+  changes = config_changes(old, config.to_dict())
+  if not changes:
+    return
+  if config.get("train", {}).get("allow_config_change", False):
+    log.warning("resuming %s with a changed config (train.allow_config_change): %s", workdir,
+                "; ".join(changes))
+    return
+  raise ValueError(f"{workdir} holds a run of another config; resuming it would mix two runs. "
+                   f"Differing fields: {'; '.join(changes)}. Use another --workdir, or set "
+                   "--config.train.allow_config_change=True to resume anyway")
+
+
+class Lock:
+  """An exclusive lock on ``<workdir>/.lock`` (``fcntl.flock``, process 0 only; released on
+  exit, also when the process dies), so two runs never write one workdir."""
+
+  def __init__(self, workdir: str):
+    self.path, self._file = os.path.join(workdir, LOCK), None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      owner = f.read().strip() or "unknown"
+      f.close()
+      raise ValueError(f"{os.path.dirname(self.path)} is in use by another run (pid {owner}); "
+                       "wait for it to finish or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+    return False
 
 
 def is_done(workdir: str) -> bool:

@@ -1,0 +1,107 @@
+"""Faults a run must survive or refuse (issue 14): NaN/Inf training halts with a clear error and
+never checkpoints or exports a non-finite state; a workdir resumes only with the config that
+started it; a second writer is locked out; an interrupted run logs each step once; eval.py
+refuses a non-finite model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from llama_jax import convert
+from llama_jax.recipe import eval_run, stages
+from llama_jax.train import workdir as wd
+
+
+def _config(**train):
+  c = tiny.get_config()
+  c.stage = "sft"
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
+  c.model.multiple_of = 16
+  c.tokenizer.world_vocab_size = 320
+  c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 20
+  c.data.max_seq_len, c.data.batch_size = 64, 4
+  c.eval.num_samples, c.eval.num_batches = 0, 1
+  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def _train_rows(work):
+  rows = [json.loads(x) for x in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def test_nan_training_halts_and_keeps_only_finite_checkpoints(tmp_path):
+  c = _config(num_steps=40, max_nonfinite_steps=3)
+  c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.warmup_frac = 1e6, 0, 0.0
+  work = tmp_path / "nan"
+  with pytest.raises(FloatingPointError, match="consecutive steps with a NaN/Inf loss or gradient"):
+    stages.run(c, str(work))
+  assert not (work / "final").exists() and not (work / "result.json").exists()
+  rows = [json.loads(x) for x in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
+  assert sum(r.get("nonfinite", 0) for r in rows) >= 3
+  steps = [p for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps  # the halt came after the first checkpoint (step 2)
+  for step in steps:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(step / "state")
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+def test_resume_rules(tmp_path):
+  work = tmp_path / "w"
+  first = stages.run(_config(stop_after_steps=2), str(work))
+  assert first["steps"] == 2 and not first["finished"]
+  config_json = (work / "config.json").read_text()
+
+  changed = _config()
+  changed.optimizer.lr = 0.5
+  with pytest.raises(ValueError, match=r"optimizer.lr: 0.003 -> 0.5"):
+    stages.run(changed, str(work))
+  other = _config()
+  other.stage = "reward"
+  with pytest.raises(ValueError, match=r"stage: 'sft' -> 'reward'"):
+    stages.run(other, str(work))
+  assert (work / "config.json").read_text() == config_json  # nothing rewritten
+  assert not (work / "rm").exists() and sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2"]
+  fewer = _config(num_steps=1, allow_config_change=True)
+  with pytest.raises(ValueError, match="checkpoint at step 2, past this config's 1 steps"):
+    stages.run(fewer, str(work))
+  with wd.Lock(str(work)):
+    with pytest.raises(ValueError, match="is in use by another run"):
+      stages.run(_config(), str(work))
+
+  done = stages.run(_config(log_every=2, checkpoint_every=2), str(work))  # harmless changes
+  assert done["finished"] and done["steps"] == 4 and _train_rows(work) == [1, 2, 4]
+  # A run killed after its last checkpoint logged steps 3-4; they are logged once on resume.
+  shutil.rmtree(work / "checkpoints" / "4")
+  shutil.rmtree(work / "final")
+  (work / "result.json").unlink()
+  again = stages.run(_config(), str(work))
+  assert again["finished"] and again["steps"] == 4
+  steps = _train_rows(work)
+  assert len(steps) == len(set(steps)) and steps[-1] == 4, steps
+
+
+def test_eval_refuses_a_nonfinite_model(tmp_path):
+  work = tmp_path / "w"
+  assert stages.run(_config(num_steps=2), str(work))["finished"]
+  cfg, params = convert.load_orbax(str(work / "final"))
+  params["norm"] = params["norm"] * np.nan
+  shutil.rmtree(work / "final")
+  convert.save_orbax(str(work / "final"), cfg, params)
+  with pytest.raises(ValueError, match=r"final: parameter \['norm'\] holds NaN or Inf"):
+    eval_run.run(str(work))
+  c = _config(num_steps=2)
+  c.init_from = str(work / "final")
+  with pytest.raises(ValueError, match=r"init_from .*final: parameter \['norm'\] holds NaN"):
+    stages.run(c, str(tmp_path / "next"))
+  assert not (tmp_path / "next").exists()

@@ -1,0 +1,61 @@
+"""train.workdir: resume fingerprint (which fields may change), the workdir lock, final/ and
+result.json helpers."""
+
+import json
+
+import ml_collections
+import pytest
+
+from llama_jax.train import workdir as wd
+
+
+def _config(**train):
+  return ml_collections.ConfigDict({"stage": "sft", "optimizer": {"lr": 1e-3},
+                                    "train": {"num_steps": 4, "log_every": 1, **train},
+                                    "eval": {"num_samples": 2}, "data": {"sources": ("world",)}})
+
+
+def test_config_changes_ignore_only_harmless_fields():
+  old = _config().to_dict()
+  new = _config(log_every=5, checkpoint_every=7, stop_after_steps=2)
+  new.eval.num_samples = 9
+  assert wd.config_changes(old, new.to_dict()) == []
+  new.optimizer.lr, new.stage, new.train.num_steps = 0.5, "reward", 8
+  assert wd.config_changes(old, new.to_dict()) == [
+      "optimizer.lr: 0.001 -> 0.5", "stage: 'sft' -> 'reward'", "train.num_steps: 4 -> 8"]
+
+
+def test_check_resume_refuses_another_config_unless_allowed(tmp_path):
+  wd.write_config(str(tmp_path), _config())
+  changed = _config()
+  changed.optimizer.lr = 0.5
+  wd.check_resume(str(tmp_path), changed, started=False)  # nothing ran yet: a fresh start
+  with pytest.raises(ValueError, match=r"optimizer.lr: 0.001 -> 0.5.*allow_config_change"):
+    wd.check_resume(str(tmp_path), changed, started=True)
+  wd.check_resume(str(tmp_path), _config(allow_config_change=True, num_steps=9), started=True)
+  wd.check_resume(str(tmp_path / "new"), changed, started=True)  # no config.json
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+  work = str(tmp_path / "w")
+  with wd.Lock(work):
+    with pytest.raises(ValueError, match="is in use by another run"):
+      with wd.Lock(work):
+        pass
+  with wd.Lock(work):  # released
+    pass
+
+
+def test_publish_replaces_and_results_mark_done(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "x.txt").write_text("new")
+  work = tmp_path / "w"
+  (work / "final").mkdir(parents=True)
+  (work / "final" / "old.txt").write_text("old")
+  assert not wd.is_done(str(work))
+  assert wd.copy_final(str(src), str(work)) == str(work / "final")
+  assert sorted(p.name for p in (work / "final").iterdir()) == ["x.txt"]
+  wd.write_result(str(work), {"finished": True})
+  assert wd.is_done(str(work)) and json.loads((work / "result.json").read_text())["finished"]
+  assert wd.read_json(str(work / "missing.json"), default={}) == {}
