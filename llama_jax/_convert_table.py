@@ -197,6 +197,9 @@ def fill(cfg: LlamaConfig, fmt: str, keys: list[str], read: Callable[[str, tuple
   ``read`` returns one tensor in Meta's layout (torch ``[out, in]``, interleaved RoPE rows); it is
   transposed/reshaped per ``RULES`` and cast to ``dtype`` as it is copied into the stacked array.
   Keys not in the table (ignored keys, already validated by ``check_keys``) are skipped.
+
+  Raises:
+    ValueError: naming the key (``fmt`` name) if a tensor holds NaN or Inf values.
   """
   expected = expected_keys(cfg, fmt)
   params = alloc(cfg, dtype)
@@ -205,7 +208,11 @@ def fill(cfg: LlamaConfig, fmt: str, keys: list[str], read: Callable[[str, tuple
       continue  # ignored key (already validated)
     rule, layer = expected[key]
     dest = get_leaf(params, rule.path)
-    write_ours(rule, read(key, shape_of(rule.source, cfg)), dest if layer is None else dest[layer])
+    w = read(key, shape_of(rule.source, cfg))
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f"{fmt} checkpoint: tensor {key} holds NaN or Inf values; refusing to "
+                       "convert a non-finite model")
+    write_ours(rule, w, dest if layer is None else dest[layer])
   return params
 
 

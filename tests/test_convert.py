@@ -346,6 +346,14 @@ def test_bad_hf_input(hf_ckpt, tmp_path):
   extra = {**tensors, "model.layers.2.mlp.up_proj.weight": tensors["model.layers.0.mlp.up_proj.weight"]}
   with pytest.raises(ValueError, match=r"unexpected keys.*model\.layers\.2\.mlp\.up_proj\.weight"):
     convert.load_hf(write("extra", extra))
+  for bad in (np.nan, np.inf):
+    poisoned = dict(tensors)
+    w = poisoned["model.layers.1.self_attn.v_proj.weight"].copy()
+    w[3, 5] = bad
+    poisoned["model.layers.1.self_attn.v_proj.weight"] = w
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.self_attn\.v_proj\.weight holds "
+                                         r"NaN or Inf"):
+      convert.load_hf(write(f"poisoned_{bad}", poisoned))
   os.remove(tmp_path / "extra" / "config.json")
   with pytest.raises(FileNotFoundError, match="config.json"):
     convert.load_hf(tmp_path / "extra")

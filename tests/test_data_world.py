@@ -278,3 +278,11 @@ def test_config_validation():
     world.WorldConfig(careless_fraction=1.5)
   with pytest.raises(ValueError, match="split"):
     world.sample_prompts(CFG, "test", 1)
+
+
+def test_is_world_prompt():
+  records = world.sample_prompts(world.WorldConfig(), "train", 5)
+  assert all(world.is_world_prompt(r["prompt"]) for r in records)
+  assert not world.is_world_prompt([{"role": "user", "content": "name a colour"}])
+  assert not world.is_world_prompt([{"role": "system", "content": "be brief"}])
+  assert not world.is_world_prompt("hello there")

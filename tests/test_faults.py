@@ -6,6 +6,7 @@ refuses a non-finite model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import jax
@@ -15,7 +16,9 @@ import pytest
 
 from configs import tiny
 from llama_jax import convert
+from llama_jax.data import input_pipeline
 from llama_jax.recipe import eval_run, stages
+from llama_jax.train import build
 from llama_jax.train import workdir as wd
 
 
@@ -105,3 +108,37 @@ def test_eval_refuses_a_nonfinite_model(tmp_path):
   with pytest.raises(ValueError, match=r"init_from .*final: parameter \['norm'\] holds NaN"):
     stages.run(c, str(tmp_path / "next"))
   assert not (tmp_path / "next").exists()
+
+
+def test_user_jsonl_with_the_world_tokenizer_trains_and_samples(tmp_path):
+  """The world's oracle judges world prompts only: a user's dialogs are sampled, not judged."""
+  path = tmp_path / "dialogs.jsonl"
+  with open(path, "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"name a colour {i}"},
+                                       {"role": "assistant", "content": "blue"}]}) + "\n")
+  c = _config(num_steps=2)
+  c.data.sft_sources, c.data.sft_jsonl_path, c.data.heldout_fraction = "jsonl", str(path), 0.2
+  c.eval.num_samples, c.eval.max_new_tokens = 2, 4
+  res = stages.run(c, str(tmp_path / "w"))
+  assert res["finished"]
+  rows = [json.loads(x) for x in (tmp_path / "w" / "samples" / "step_000002.jsonl").read_text()
+          .splitlines()]
+  assert len(rows) == 2 and all("helpful" not in r for r in rows)
+
+
+def test_an_edited_jsonl_with_the_same_size_and_mtime_is_read_again(tmp_path):
+  path = tmp_path / "d.jsonl"
+  line = lambda i, answer: json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                    {"role": "assistant", "content": answer}]})
+  path.write_text("\n".join(line(i, f"a{i:02d}") for i in range(20)) + "\n")
+  c = _config()
+  c.data.sft_sources, c.data.sft_jsonl_path, c.data.heldout_fraction = "jsonl", str(path), 0.3
+  answers = lambda b: sorted(input_pipeline.decode_record(x)["messages"][-1]["content"]
+                             for x in b.as_data_source(split="train"))
+  first = answers(build.source_builder("jsonl", "sft", c, str(tmp_path / "w")))
+  stat = path.stat()
+  path.write_text("\n".join(line(i, f"b{i:02d}") for i in range(20)) + "\n")  # same size
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  second = answers(build.source_builder("jsonl", "sft", c, str(tmp_path / "w")))
+  assert first[0].startswith("a") and second[0].startswith("b")

@@ -161,6 +161,13 @@ def _user_text(prompt: str | Sequence[Mapping[str, str]]) -> str:
   return users[-1]
 
 
+def is_world_prompt(prompt: str | Sequence[Mapping[str, str]]) -> bool:
+  """Whether the oracle can judge ``prompt`` (its last user turn is a world prompt)."""
+  if not isinstance(prompt, str) and not any(m.get("role") == "user" for m in prompt):
+    return False
+  return world_tasks.parse_prompt(_user_text(prompt)) is not None
+
+
 def oracle(prompt: str | Sequence[Mapping[str, str]], response: str) -> Judgement:
   """Judges a response (e.g. a model's decoded output) to a world prompt.
 

@@ -118,8 +118,8 @@ class HeldOut:
     for i, d in enumerate(dialogs):
       text = self.tok.decode(np.asarray(out.tokens[i, :int(out.lengths[i])]).tolist())
       row = {"step": step, "prompt": d[:-1], "completion": text.strip(), "reference": d[-1]["content"]}
-      if self.config.tokenizer.path == "world":
-        j = world.oracle(d[:-1], text)
+      if self.config.tokenizer.path == "world" and world.is_world_prompt(d[:-1]):
+        j = world.oracle(d[:-1], text)  # a user JSONL with the world tokenizer has no oracle
         row.update(helpful=bool(j.helpful), safe=bool(j.safe))
       rows.append(row)
     if jax.process_index() == 0:

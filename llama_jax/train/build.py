@@ -116,6 +116,20 @@ def _prepared(builder):
   return builder
 
 
+def file_digest(path: str) -> str:
+  """8-hex-digit BLAKE2b digest of the bytes of a file, or of a directory's files (names and
+  bytes, sorted): the TFDS cache key of a file source."""
+  h = hashlib.blake2b(digest_size=4)
+  files = ([os.path.join(d, f) for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
+           if os.path.isdir(path) else [path])
+  for name in files:
+    h.update(os.path.relpath(name, path).encode())
+    with open(name, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
 def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int = 0,
                    num_held_out: int = 0, is_safety: bool = False):
   """A prepared TFDS builder of source ``name`` (world | hh_rlhf | self_instruct | jsonl | ...)
@@ -148,8 +162,7 @@ def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int
   path = paths[name]
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f"data source {name!r}: file {path!r} not found (set config.data.*_path)")
-  stat = f"{os.path.abspath(path)}|{os.path.getsize(path)}|{os.path.getmtime(path)}"
-  digest = hashlib.blake2b(stat.encode(), digest_size=4).hexdigest()
+  digest = file_digest(path)  # the content, not size/mtime: an edited file is never stale
   cfg = tfds_builders.SourceConfig(
       name=f"{kind}_{digest}_{data.split_seed}_{int(data.heldout_fraction * 1000)}",
       source_path=path, kind=kind, held_out_fraction=data.heldout_fraction,
