@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -321,6 +322,56 @@ def save_orbax(path: str | os.PathLike, cfg: LlamaConfig, params: Params) -> str
   return target
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _digests(path: str) -> dict:
+  """``{relative file path: BLAKE2b-128 hex}`` of every file below ``path`` but the checksums."""
+  out = {}
+  for d, _, files in sorted(os.walk(path)):
+    for name in sorted(files):
+      full = os.path.join(d, name)
+      rel = os.path.relpath(full, path)
+      if rel == CHECKSUMS:
+        continue
+      h = hashlib.blake2b(digest_size=16)
+      with open(full, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+          h.update(chunk)
+      out[rel] = h.hexdigest()
+  return out
+
+
+def write_checksums(path: str | os.PathLike) -> str:
+  """``path/checksums.json``: a digest of every file of a finished directory (e.g. a stage's
+  ``final/``), which :func:`verify_checksums` (and every loader here) checks. Returns its path."""
+  out = os.path.join(os.fspath(path), CHECKSUMS)
+  with open(out, "w") as f:
+    json.dump(_digests(os.fspath(path)), f, indent=1, sort_keys=True)
+  return out
+
+
+def verify_checksums(path: str | os.PathLike) -> None:
+  """Checks ``path`` against its ``checksums.json`` (no-op without one).
+
+  Raises:
+    ValueError: naming the first file that is missing, added or changed (e.g. a flipped bit).
+  """
+  path = os.fspath(path)
+  listed = os.path.join(path, CHECKSUMS)
+  if not os.path.isfile(listed):
+    return
+  with open(listed) as f:
+    want = json.load(f)
+  got = _digests(path)
+  for rel in sorted(set(want) | set(got)):
+    if want.get(rel) != got.get(rel):
+      what = ("missing" if rel not in got else "not listed" if rel not in want
+              else "changed since it was written")
+      raise ValueError(f"{os.path.join(path, rel)}: {what} ({CHECKSUMS} of {path} disagrees); "
+                       "the checkpoint is damaged, refusing to load it")
+
+
 def load_orbax(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig, Params]:
   """Loads a ``save_orbax`` directory: (config from ``params.json``, params as host numpy).
 
@@ -329,9 +380,11 @@ def load_orbax(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig,
     dtype: output dtype; None keeps the saved dtype.
   Raises:
     FileNotFoundError: naming the directory, ``params.json`` or ``params/`` that is absent.
-    ValueError: if the saved tree does not match ``params.json`` (naming the leaf).
+    ValueError: if the saved tree does not match ``params.json`` (naming the leaf), or a file
+      disagrees with ``checksums.json`` (:func:`verify_checksums`).
   """
   path = os.path.abspath(table.require_dir(path))
+  verify_checksums(path)
   cfg = LlamaConfig.from_params_json(table.require_file(os.path.join(path, META_CONFIG)))
   target = os.path.join(path, ORBAX_PARAMS)
   if not os.path.isdir(target):

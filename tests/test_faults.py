@@ -142,3 +142,53 @@ def test_an_edited_jsonl_with_the_same_size_and_mtime_is_read_again(tmp_path):
   os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
   second = answers(build.source_builder("jsonl", "sft", c, str(tmp_path / "w")))
   assert first[0].startswith("a") and second[0].startswith("b")
+
+
+def test_a_flipped_bit_in_final_is_detected_on_load(tmp_path):
+  work = tmp_path / "w"
+  assert stages.run(_config(num_steps=2), str(work))["finished"]
+  assert (work / "final" / "checksums.json").exists()
+  convert.load_orbax(str(work / "final"))  # intact
+  shard = max((p for p in (work / "final" / "params").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size)
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  shard.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="changed since it was written"):
+    convert.load_orbax(str(work / "final"))
+  c = _config(num_steps=2)
+  c.init_from = str(work / "final")
+  with pytest.raises(ValueError, match="changed since it was written"):
+    stages.run(c, str(tmp_path / "next"))
+  assert not (tmp_path / "next").exists()
+
+
+@pytest.mark.parametrize("damage", ["no_state_metadata", "empty_step_dir", "no_data_item",
+                                    "truncated_shard"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
+  straight = stages.run(_config(), str(tmp_path / "straight"))
+  work = tmp_path / "w"
+  stages.run(_config(stop_after_steps=4, checkpoint_every=2, keep_checkpoints=3), str(work))
+  for name in ("final", "result.json"):
+    path = work / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  latest = work / "checkpoints" / "4"
+  if damage == "no_state_metadata":
+    (latest / "state" / "_METADATA").unlink()
+  elif damage == "empty_step_dir":
+    shutil.rmtree(latest)
+    latest.mkdir()
+  elif damage == "no_data_item":
+    shutil.rmtree(latest / "data")
+  else:
+    shard = max((p for p in (latest / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:10])
+  again = stages.run(_config(), str(work))
+  assert again["finished"] and again["steps"] == 4
+  assert "damaged" in caplog.text and "trying an older one" in caplog.text
+  _, a = convert.load_orbax(str(tmp_path / "straight" / "final"))
+  _, b = convert.load_orbax(str(work / "final"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert straight["finished"]

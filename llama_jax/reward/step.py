@@ -28,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import rl, sharding
+from llama_jax import convert, rl, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data.sources import RATINGS, SAFETY_LABELS
 from llama_jax.model import forward, param_logical_axes
@@ -401,6 +401,7 @@ def load_reward_model(path: str) -> tuple[LlamaConfig, Any]:
   path = os.path.abspath(path)
   if not is_reward_model(path):
     raise FileNotFoundError(f"{path} is not a reward model directory (no {MARKER})")
+  convert.verify_checksums(path)
   cfg = LlamaConfig.from_params_json(os.path.join(path, "params.json"))
   target = os.path.join(path, "params")
   if not os.path.isdir(target):

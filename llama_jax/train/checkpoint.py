@@ -7,6 +7,7 @@ checkpoint intact and ``latest_step`` never returns a partial one.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -16,6 +17,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from llama_jax import convert
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -70,6 +75,29 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def restore_intact(self, abstract_state: Any, data_iterator: Any = None):
+    """``(state, step)`` of the newest checkpoint that restores (state and data iterator): a
+    damaged newer one (missing metadata, truncated shard, empty step directory, missing
+    iterator state) is skipped with a warning naming it.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint. ValueError: if none restores, with each
+        step's error.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    errors = []
+    for step in steps:
+      try:
+        return self.restore(abstract_state, data_iterator, step), step
+      except Exception as err:  # pylint: disable=broad-except  (orbax, grain, tensorstore)
+        errors.append(f"step {step}: {type(err).__name__}: {err}")
+        log.warning("checkpoint %s/%d is damaged (%s); trying an older one", self.directory, step,
+                    errors[-1][:300])
+    raise ValueError(f"no intact checkpoint in {self.directory}: " + "; ".join(
+        e[:300] for e in errors))
+
   def wait(self):
     """Block until the in-flight async save (if any) is complete."""
     self._manager.wait_until_finished()
@@ -102,11 +130,13 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   shardings of ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with ``sharding``).
 
   Raises:
-    FileNotFoundError: if ``path/params`` is missing. ValueError: if a parameter is not finite.
+    FileNotFoundError: if ``path/params`` is missing. ValueError: if a parameter is not finite
+      or a file disagrees with ``path/checksums.json`` (``convert.verify_checksums``).
   """
   target = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(target):
     raise FileNotFoundError(f"init_from: orbax params directory {target} not found")
+  convert.verify_checksums(path)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(target, abstract_params)
   check_finite(params, f"init_from {path}")

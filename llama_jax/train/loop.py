@@ -81,8 +81,10 @@ class _Loop:
     m["steps_per_s"] = len(host) / (now - self.tick)
     self.writer.write(step, m, "train")
     key = self.run.progress_key
-    self.progress.update(len(host), **{key: f"{m.get(key, float('nan')):.4g}"},
-                         tok_s=f"{m.get('tokens_per_s', 0.0):.0f}")
+    shown = {key: f"{m.get(key, float('nan')):.4g}"}
+    if "tokens_per_s" in m:
+      shown["tok_s"] = f"{m['tokens_per_s']:.0f}"
+    self.progress.update(len(host), **shown)
     self.last_metrics, self.window, self.tick = m, [], time.perf_counter()
     self.check_nonfinite(host, step)  # after the rows are written: they show the NaN steps
 

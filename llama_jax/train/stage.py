@@ -214,12 +214,12 @@ class TrainingStage(Stage):
 
 
 def _start(run: Run, checkpointer: Checkpointer):
-  """(state, step): the newest checkpoint (data iterator restored in place) or step 0."""
-  step = checkpointer.latest_step()
-  if step is None:
+  """(state, step): the newest intact checkpoint (data iterator restored in place; a damaged
+  newer one is skipped with a warning) or step 0."""
+  if checkpointer.latest_step() is None:
     return run.init_state(), 0
   data = run.batches if hasattr(run.batches, "get_state") else None
-  state = checkpointer.restore(run.abstract_state, data)
+  state, step = checkpointer.restore_intact(run.abstract_state, data)
   if hasattr(run.batches, "seek"):
     run.batches.seek(step)
   return state, step

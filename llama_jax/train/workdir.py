@@ -64,11 +64,14 @@ def write_config(workdir: str, config) -> None:
 
 
 def publish(workdir: str, write: Callable[[str], Any], name: str = FINAL) -> str:
-  """Replace ``<workdir>/<name>/`` by what ``write(path)`` writes there; returns the path."""
+  """Replace ``<workdir>/<name>/`` by what ``write(path)`` writes there, plus its
+  ``checksums.json`` (``convert.write_checksums``: every loader verifies it); returns the path."""
   path = os.path.join(workdir, name)
   if jax.process_index() == 0 and os.path.exists(path):
     shutil.rmtree(path)
   write(path)
+  if jax.process_index() == 0:
+    convert.write_checksums(path)
   return path
 
 
