@@ -19,6 +19,22 @@ _REMAT = ("none", "minimal", "full")
 _ATTENTION = ("auto", "xla", "cudnn")
 
 
+def _read_json_object(path: str) -> dict:
+  """The JSON object in ``path``.
+
+  Raises:
+    ValueError: naming the file, if it is not UTF-8 JSON holding an object.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    raise ValueError(f"{path}: not a JSON config ({type(e).__name__}: {e})") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Hyperparameters of a Llama 2 network.
@@ -135,8 +151,7 @@ class LlamaConfig:
       origin = "params.json dict"
     else:
       origin = os.fspath(source)
-      with open(origin) as f:
-        params = json.load(f)
+      params = _read_json_object(origin)
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size"}
     unknown = set(params) - known
@@ -162,8 +177,7 @@ class LlamaConfig:
       origin = os.fspath(source)
       if os.path.isdir(origin):
         origin = os.path.join(origin, "config.json")
-      with open(origin) as f:
-        hf = json.load(f)
+      hf = _read_json_object(origin)
     if hf.get("model_type", "llama") != "llama":
       raise ValueError(f"{origin}: model_type is {hf.get('model_type')!r}, expected 'llama'")
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):

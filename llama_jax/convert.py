@@ -83,6 +83,17 @@ def _hf_files(path: str) -> tuple[list[str], str]:
   return [single], single
 
 
+def _safetensors(read, file: str):
+  """``read()``, with safetensors' errors (a truncated or corrupt file) as a ValueError naming
+  ``file``."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError is not importable alone)
+    if isinstance(e, (ValueError, FileNotFoundError)):
+      raise
+    raise ValueError(f"{file}: not a complete safetensors file ({type(e).__name__}: {e})") from None
+
+
 def load_hf(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig, Params]:
   """Loads a Hugging Face ``LlamaForCausalLM`` checkpoint directory into our params.
 
@@ -95,7 +106,8 @@ def load_hf(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig, Pa
   Raises:
     FileNotFoundError: naming the directory, ``config.json`` or a safetensors file that is absent.
     ValueError: naming key and file if a tensor's shape does not fit ``config.json``, or if keys are
-      missing or unexpected; naming the field if the config is not a plain Llama 2.
+      missing or unexpected; naming the field if the config is not a plain Llama 2; naming the
+      file if it is a truncated or corrupt safetensors file.
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
@@ -107,7 +119,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig, Pa
   try:
     key_file = {}
     for file in files:
-      handles[file] = safe_open(file, framework="np")
+      handles[file] = _safetensors(lambda: safe_open(file, framework="np"), file)
       for key in handles[file].keys():
         key_file[key] = file
     table.check_keys(set(key_file), set(expected), "hf", origin)
@@ -122,7 +134,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = None) -> tuple[LlamaConfig, Pa
     def read(key: str, shape: tuple) -> np.ndarray:
       f = handles[key_file[key]]
       table.check_shape(key, key_file[key], shape, f.get_slice(key).get_shape())
-      w = f.get_tensor(key)
+      w = _safetensors(lambda: f.get_tensor(key), key_file[key])
       rule = expected[key][0]
       if rule.rope:
         w = table.rope_rows(w, table.sizes_of(cfg)[rule.rope], to_hf=False)

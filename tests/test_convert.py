@@ -354,6 +354,10 @@ def test_bad_hf_input(hf_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.self_attn\.v_proj\.weight holds "
                                          r"NaN or Inf"):
       convert.load_hf(write(f"poisoned_{bad}", poisoned))
+  cut = write("truncated", tensors) / "model.safetensors"
+  cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+  with pytest.raises(ValueError, match=r"truncated/model\.safetensors: not a complete safetensors"):
+    convert.load_hf(cut.parent)
   os.remove(tmp_path / "extra" / "config.json")
   with pytest.raises(FileNotFoundError, match="config.json"):
     convert.load_hf(tmp_path / "extra")

@@ -73,6 +73,26 @@ def test_jsonl_bad_lines(tmp_path, line, pattern):
   assert pattern in msg
 
 
+def test_non_utf8_and_deeply_nested_lines_name_file_and_line(tmp_path):
+  path = tmp_path / "bytes.jsonl"
+  path.write_bytes((json.dumps(GOOD_PAIR) + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
+  assert "not UTF-8 text" in _expect_error(sources.read_jsonl_preferences, path, 2, None)
+  deep = _write(tmp_path, [GOOD_PAIR, "[" * 100000 + "]" * 100000], name="deep.jsonl")
+  assert "nested too deeply" in _expect_error(sources.read_jsonl_preferences, deep, 2, None)
+
+
+@pytest.mark.parametrize("reader", [sources.read_jsonl_preferences, sources.read_hh_rlhf_pairs])
+def test_truncated_or_fake_gzip_names_the_file(tmp_path, reader):
+  good = _write(tmp_path, [GOOD_PAIR] * 200, name="full.jsonl.gz")
+  cut = tmp_path / "cut.jsonl.gz"
+  cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  fake = tmp_path / "fake.jsonl.gz"
+  fake.write_text(json.dumps(GOOD_PAIR) + "\n")
+  for path in (cut, fake):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": not a complete gzip file"):
+      list(reader(path))
+
+
 def test_jsonl_preferences_round_trip(tmp_path):
   messages_prompt = {"prompt": [USER, ASSISTANT, USER], "chosen": "a", "rejected": "b"}
   path = _write(tmp_path, [GOOD_PAIR, messages_prompt])

@@ -59,6 +59,17 @@ def test_params_json_round_trip(tmp_path):
     lj.LlamaConfig.from_params_json({**cfg.to_params_json(), "hidden": 3})
 
 
+@pytest.mark.parametrize("text,match", [("{not json", "not a JSON config"),
+                                        ("[1, 2]", "expected a JSON object"),
+                                        ("\udcff", "not a JSON config")])
+def test_config_files_that_are_not_json_name_the_file(tmp_path, text, match):
+  path = tmp_path / "params.json"
+  path.write_bytes(b"\xff\xfe" if text == "\udcff" else text.encode())
+  for load in (lj.LlamaConfig.from_params_json, lj.LlamaConfig.from_hf_config):
+    with pytest.raises(ValueError, match=f"{path}: {match}"):
+      load(str(path))
+
+
 def test_hf_config_round_trip():
   for cfg in (CFG, lj.LlamaConfig.llama2_70b(), lj.LlamaConfig.llama2_13b()):
     again = lj.LlamaConfig.from_hf_config(cfg.to_hf_config())

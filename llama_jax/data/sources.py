@@ -45,6 +45,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from llama_jax.tokenizer import ROLES, SPECIAL_TAGS
@@ -205,20 +206,50 @@ def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> str:
   return path
 
 
+def _json_object(where: str, raw: bytes) -> Any:
+  """The JSON object of one line (None for a blank line).
+
+  Raises:
+    ValueError: naming ``where``, for bytes that are not UTF-8, invalid or too deeply nested
+      JSON, or a value that is not an object.
+  """
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
+  if not line.strip():
+    return None
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+  except RecursionError:
+    raise ValueError(f"{where}: JSON nested too deeply") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
 def _json_lines(path: PathLike) -> Iterator[tuple[str, Any]]:
-  """Yields (where, decoded object) for each non-blank line; where = "<file>, line <n>"."""
-  with _open_text(path) as f:
-    for n, line in enumerate(f, start=1):
-      where = f"{os.fspath(path)}, line {n}"
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      yield where, obj
+  """Yields (where, decoded object) for each non-blank line; where = "<file>, line <n>".
+
+  Raises:
+    ValueError: naming the file and line (:func:`_json_object`), or the file for a ``.gz`` that
+      is truncated or not gzip.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: file not found")
+  n = 0
+  try:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+      for n, raw in enumerate(f, start=1):
+        obj = _json_object(f"{path}, line {n}", raw)
+        if obj is not None:
+          yield f"{path}, line {n}", obj
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f"{path}: not a complete gzip file after line {n} "
+                     f"({type(e).__name__}: {e})") from None
 
 
 def read_jsonl_sft(path: PathLike) -> Iterator[dict[str, Any]]:
