@@ -3,6 +3,10 @@ stopping; a second stop signal ends a run that does not reach the next step."""
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +140,32 @@ def test_a_second_sigint_interrupts_at_once(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     _run_steps(tmp_path, step, 5)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+_STUCK = textwrap.dedent("""
+    import os, signal, sys, time
+    import jax.numpy as jnp, optax
+    from llama_jax.train import loop
+    from llama_jax.train.metrics import MetricWriter
+    from llama_jax.train.stage import Run
+    from llama_jax.train.state import init_train_state
+
+    def step(state, batch, rng):
+      os.kill(os.getpid(), signal.SIGTERM)  # one preemption signal ...
+      time.sleep(60)                        # ... while the step waits forever (e.g. on data)
+      return state, {}
+
+    run = Run(cfg=None, total_steps=3, step_fn=step, batches=iter([None] * 3), abstract_state=None,
+              init_state=None, stop_grace_s=float(sys.argv[2]))
+    loop.run_loop(run, init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 0), 0, None,
+                  MetricWriter(sys.argv[1]))
+""")
+
+
+def test_one_signal_ends_a_step_that_never_finishes(tmp_path):
+  t0 = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", _STUCK, str(tmp_path / "logs"), "1.0"],
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+  assert time.monotonic() - t0 < 45 and "ending the run without saving" in proc.stderr

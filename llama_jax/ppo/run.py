@@ -251,7 +251,8 @@ class PPOStage(stage_lib.TrainingStage):
                     "held_out_prompts": len(eval_prompts)},
         checkpoint_every=int(c.checkpoint_every), log_every=1,
         stop_after_steps=int(config.train.stop_after_steps),
-        max_nonfinite_steps=settings.read(config, "train", settings.Train).max_nonfinite_steps)
+        max_nonfinite_steps=settings.read(config, "train", settings.Train).max_nonfinite_steps,
+        stop_grace_s=settings.read(config, "train", settings.Train).stop_grace_s)
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """``ppo.ppo_train_step`` on one minibatch, and the rollouts (``sampling.sample`` of

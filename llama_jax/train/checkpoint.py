@@ -152,15 +152,21 @@ def abstract_like(tree: Any) -> Any:
 class StopSignal:
   """Turns SIGTERM and SIGINT into a flag the training loop checks between steps.
 
-  The loop then waits for any in-flight save, saves at the current step, and exits 0. A second
-  signal restores the previous handlers and re-delivers itself (a second Ctrl-C raises
-  KeyboardInterrupt), so a user can always end a run that does not reach the next step. Only
+  The loop then calls :meth:`acknowledge`, waits for any in-flight save, saves at the current
+  step, and exits 0. A run that does not reach the next step still ends: a second signal
+  restores the previous handlers and re-delivers itself (a second Ctrl-C raises
+  KeyboardInterrupt), and without an acknowledgment within ``grace_s`` seconds of the first
+  signal (a step stuck waiting on data or a device) the process exits with status 128 + the
+  signal number, so a cluster's single preemption SIGTERM ends it (no save: the last checkpoint
+  stands). Only
   installable from the main thread; elsewhere it is a flag that never fires.
   """
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), grace_s: float = 300.0):
     self.requested = False
+    self.grace_s = grace_s
     self._previous = {}
+    self._timer: Optional[threading.Timer] = None
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -168,12 +174,33 @@ class StopSignal:
   def _handle(self, signum, frame):
     del frame
     if self.requested:
-      self.restore()
-      signal.raise_signal(signum)
+      self._redeliver(signum)
       return
     self.requested = True
+    if self.grace_s > 0:
+      self._timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
+      self._timer.daemon = True
+      self._timer.start()
+
+  def _expire(self, signum):
+    # A timer thread cannot restore signal handlers (main thread only): exit as the signal would.
+    log.error("no step finished within %.0f s of signal %d: ending the run without saving (the "
+              "last checkpoint stands)", self.grace_s, signum)
+    logging.shutdown()
+    os._exit(128 + signum)  # pylint: disable=protected-access
+
+  def _redeliver(self, signum):
+    self.restore()
+    os.kill(os.getpid(), signum)  # the previous (default) handling applies
+
+  def acknowledge(self):
+    """The loop saw the flag and is saving: stop the grace timer."""
+    if self._timer is not None:
+      self._timer.cancel()
+      self._timer = None
 
   def restore(self):
+    self.acknowledge()
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous = {}

@@ -135,7 +135,7 @@ def run_loop(run, state, start: int, checkpointer: Optional[Checkpointer],
     saves at the current step and returns normally (so the program exits 0); with
     ``run.stop_after_steps`` > 0 it stops the same way after that many steps of this call.
   """
-  stop = StopSignal()
+  stop = StopSignal(grace_s=run.stop_grace_s)
   loop = _Loop(run, checkpointer, writer, start)
   batches, step = run.batches, start
   early = run.should_stop()  # a resumed run that had stopped early stays stopped
@@ -161,7 +161,8 @@ def run_loop(run, state, start: int, checkpointer: Optional[Checkpointer],
         log.info("%s: stopped early at step %d", run.desc, step)
         break
     if stop.requested:
-      log.warning("stop signal received: saved at step %d and exiting", step)
+      stop.acknowledge()
+      log.warning("stop signal received: saving at step %d and exiting", step)
     loop.finish(state, step, batches)
     if run.evaluate is not None and run.final_eval and step == run.total_steps and not stop.requested:
       loop.evaluate(state, step)

@@ -46,6 +46,9 @@ class Train:
   max_nonfinite_steps: int = _f(10, "Halt (nonzero exit) after this many consecutive steps whose "
                                 "loss or gradient was NaN/Inf (each is skipped and counted as "
                                 "the metric nonfinite); 0 = never halt.", lo=0)
+  stop_grace_s: float = _f(300.0, "After SIGTERM/SIGINT, seconds to wait for the current step to "
+                           "finish (then the run saves and exits 0); a step stuck longer ends "
+                           "the process without saving (0 = wait forever).", lo=0.0)
   allow_config_change: bool = _f(False, "Resume a workdir whose config.json differs in fields "
                                  "that change the math (refused otherwise, the fields named).")
 

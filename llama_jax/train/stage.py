@@ -71,6 +71,7 @@ class Run:
       summed for tokens/s. progress_key: metric shown on the progress bar.
     checkpoint_every, log_every, stop_after_steps: intervals (0 = off), from ``config.train``.
     max_nonfinite_steps: halt after this many consecutive non-finite steps (0 = never).
+    stop_grace_s: seconds a step may take after a stop signal before the process ends unsaved.
   """
 
   cfg: LlamaConfig
@@ -97,6 +98,7 @@ class Run:
   log_every: int = 10
   stop_after_steps: int = 0
   max_nonfinite_steps: int = 10
+  stop_grace_s: float = 300.0
 
 
 @dataclasses.dataclass
@@ -146,11 +148,11 @@ def plan_train_step(name: str, setup: StateSetup, step_fn: Callable, abstract_ba
 
 def intervals(config) -> Dict[str, int]:
   """``Run`` keyword arguments from ``config.train``: ``eval_every``, ``checkpoint_every``,
-  ``log_every``, ``stop_after_steps``, ``max_nonfinite_steps``."""
+  ``log_every``, ``stop_after_steps``, ``max_nonfinite_steps``, ``stop_grace_s``."""
   t = settings.read(config, "train", settings.Train)
   return {"eval_every": t.eval_every, "checkpoint_every": t.checkpoint_every,
           "log_every": t.log_every, "stop_after_steps": t.stop_after_steps,
-          "max_nonfinite_steps": t.max_nonfinite_steps}
+          "max_nonfinite_steps": t.max_nonfinite_steps, "stop_grace_s": t.stop_grace_s}
 
 
 def check_batch(config, section: str, cfg: LlamaConfig, mesh) -> None:

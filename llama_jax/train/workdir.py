@@ -98,7 +98,8 @@ def write_result(workdir: str, result: dict) -> None:
 # what it computes (anything else differing is refused unless train.allow_config_change).
 HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.keep_checkpoints", "train.async_checkpoint", "train.stop_after_steps",
-            "train.max_nonfinite_steps", "train.allow_config_change", "mesh.device_memory_gib",
+            "train.max_nonfinite_steps", "train.allow_config_change", "train.stop_grace_s",
+            "mesh.device_memory_gib",
             "eval.")
 LOCK = ".lock"
 
