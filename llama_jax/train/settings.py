@@ -1,29 +1,24 @@
-"""Typed sections of the settings every stage shares: ``config.train``, ``config.optimizer``,
-``config.eval`` as frozen dataclasses, each field with its default, meaning and bounds (the one
-place they live: ``configs/base.py`` builds its sections from them with :func:`config_section`).
+"""Typed sections of the settings: ``config.train``, ``config.optimizer``, ``config.eval`` (shared
+by every stage) as frozen dataclasses here, each field with its default, meaning and bounds, and
+the stage sections (``tokenizer``, ``data``, ``mesh``, ``annotate``, ``reward``,
+``rejection_sampling``, ``ppo``, ``pipeline``) in ``train.sections``: the one place they live
+(``configs/base.py`` builds its sections from them with :func:`config_section`).
 
-:func:`validate` (run by ``recipe.stages.run`` before any stage starts) reads every section into
-its dataclass once (:func:`read`), so a bad value fails before anything runs, with the field
-named. The ml_collections config and ``--config.x=y`` overrides stay the user interface.
+:func:`validate` (run by ``recipe.stages.run`` before any stage starts) reads every section of
+:data:`SECTIONS` into its dataclass once (:func:`read`), so a bad value fails before anything
+runs, with the field named. The ml_collections config and ``--config.x=y`` overrides stay the
+user interface. ``config.model`` is not one of them: its None-able overrides are checked by
+``LlamaConfig`` (``train.build.model_config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Type, TypeVar
 
-import ml_collections
-import numpy as np
+from llama_jax.train import fields, sections
 
-T = TypeVar("T")
-
-
-def _f(default: Any, doc: str, lo: Optional[float] = None, hi: Optional[float] = None,
-       hi_ok: bool = True, lo_ok: bool = True):
-  """A dataclass field with its meaning and bounds (``lo``/``hi`` None: unbounded)."""
-  return dataclasses.field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi,
-                                                      "hi_ok": hi_ok, "lo_ok": lo_ok})
+_f, _is_int = fields._f, fields._is_int  # pylint: disable=protected-access
+read, config_section, describe = fields.read, fields.config_section, fields.describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,66 +84,14 @@ class Eval:
   bon_n: int = _f(64, "Samples per prompt of that curve.", lo=1)
 
 
-SECTIONS = {"train": Train, "optimizer": Optimizer, "eval": Eval}
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check(section: str, field: dataclasses.Field, value: Any) -> Any:
-  """``value`` of ``config.<section>.<field>`` checked against the field's type and bounds."""
-  m, name = field.metadata, f"config.{section}.{field.name}"
-  if field.type in ("bool", bool):
-    if not isinstance(value, (bool, np.bool_)):
-      raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-  if field.type in ("str", str):
-    if not isinstance(value, str):
-      raise ValueError(f"{name} must be a string, got {value!r}")
-    return value
-  is_int = field.type in ("int", int)
-  number = _is_int(value) if is_int else (isinstance(value, (int, float, np.number))
-                                          and not isinstance(value, bool))
-  lo, hi = m.get("lo"), m.get("hi")
-  ok = number and math.isfinite(value)
-  ok = ok and (lo is None or value > lo or (m.get("lo_ok", True) and value == lo))
-  ok = ok and (hi is None or value < hi or (m.get("hi_ok", True) and value == hi))
-  if not ok:
-    low = "" if lo is None else f"{'>=' if m.get('lo_ok', True) else '>'} {lo}"
-    span = (f"in [{lo}, {hi}{']' if m.get('hi_ok', True) else ')'}" if hi is not None else low)
-    raise ValueError(f"{name} must be {'an int' if is_int else 'a finite number'} {span}, "
-                     f"got {value!r}")
-  return int(value) if is_int else float(value)
-
-
-def read(config, section: str, cls: Type[T]) -> T:
-  """``config.<section>`` as the frozen dataclass ``cls`` (absent fields take their default).
-
-  Raises:
-    ValueError: naming the first bad field.
-  """
-  values = config.get(section, None) or {}
-  return cls(**{f.name: _check(section, f, values.get(f.name, f.default))
-                for f in dataclasses.fields(cls)})
-
-
-def config_section(cls) -> ml_collections.ConfigDict:
-  """A ``ConfigDict`` of ``cls``'s defaults (what ``configs/base.py`` holds for the section)."""
-  return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
-
-
-def describe(cls) -> str:
-  """One line per field: ``name = default: meaning``."""
-  return "\n".join(f"{f.name} = {f.default!r}: {f.metadata.get('doc', '')}"
-                   for f in dataclasses.fields(cls))
+SECTIONS = {"train": Train, "optimizer": Optimizer, "eval": Eval, **sections.SECTIONS}
 
 
 def validate(config, workdir: str) -> None:
-  """Checks the settings every stage shares, before anything runs or is written: ``workdir``
-  not empty, ``config.seed`` an int >= 0, and ``config.train`` / ``config.optimizer`` /
-  ``config.eval`` read into :class:`Train` / :class:`Optimizer` / :class:`Eval` (types and
-  bounds of each field: see the dataclasses). Stage-specific fields are checked by each stage.
+  """Checks the settings, before anything runs or is written: ``workdir`` not empty,
+  ``config.seed`` an int >= 0, and every section of :data:`SECTIONS` read into its dataclass
+  (types and bounds of each field: see the dataclasses). Checks across fields or against files
+  (divisibility, paths, the model's length) stay with each stage.
 
   Raises:
     ValueError: naming the first bad field (or an empty ``workdir``).

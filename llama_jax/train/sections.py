@@ -1,0 +1,280 @@
+"""Typed stage sections of the config: ``config.tokenizer``, ``config.data``, ``config.mesh``,
+``config.annotate``, ``config.reward``, ``config.rejection_sampling``, ``config.ppo`` and
+``config.pipeline`` as frozen dataclasses, each field with its default, meaning and bounds (the
+one place they live: ``configs/base.py`` builds these sections with ``config_section``).
+
+``train.settings.validate`` reads each of them once before any stage starts (:data:`SECTIONS`).
+The bounds are what the stages reject anyway (a count >= 1, a share in [0, 1], one of a few
+names); checks across fields or against files (divisibility, paths, the model's length, the
+number of prompt streams a pipeline needs) stay with each stage. PPO's math fields take their
+defaults from ``ppo.step.PPOConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from llama_jax.ppo.step import PPOConfig
+from llama_jax.reward.step import MARGINS
+from llama_jax.rl import KL_ESTIMATORS
+from llama_jax.train.fields import _f
+
+REWARD_KINDS = ("rm", "oracle")  # reward.scoring.REWARD_KINDS
+_STREAM = "Train-prompt stream (data.prompt_streams; -1 = the whole split); set by the pipeline."
+
+
+def _mesh_ok(shape: tuple) -> bool:
+  return 0 not in shape and shape.count(-1) <= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """``config.tokenizer``: the world's BPE tokenizer or a SentencePiece model."""
+
+  path: str = _f("world", '"world" = train the synthetic world\'s small BPE tokenizer into '
+                 "<workdir>/tokenizer.model; otherwise a path to a SentencePiece model (e.g. "
+                 "../shared/data/llama2-tokenizer/tokenizer.model).")
+  world_vocab_size: int = _f(512, "Vocabulary size of the world tokenizer (ignored for a path; "
+                             "3 specials + 256 byte pieces at least).", lo=300)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """``config.data``: SFT sources, the synthetic world, splits, packing and batch size."""
+
+  sft_sources: str = _f("world", "SFT sources, comma-separated: world | hh_rlhf | "
+                        "self_instruct | jsonl.")
+  sft_weights: str = _f("", "Sampling weights of the sources above, comma-separated (\"\" = "
+                        "proportional to their sizes).")
+  hh_rlhf_path: str = _f("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
+                         "The official HH-RLHF *.jsonl.gz file (or its directory).")
+  self_instruct_path: str = _f("../shared/data/self-instruct/seed_tasks.jsonl",
+                               "Self-Instruct seed tasks JSONL.")
+  sft_jsonl_path: str = _f("", "Generic JSONL of SFT dialogs (schema in the README).")
+  heldout_fraction: float = _f(0.05, "Share of each real-data source held out for evaluation "
+                               "(fixed-seed split).", lo=0.0, hi=1.0, lo_ok=False, hi_ok=False)
+  split_seed: int = _f(1234, "Seed of the train/held-out split (kept separate from `seed` so "
+                       "runs share a split).", lo=0)
+  world_sft_examples: int = _f(4000, "Synthetic world: number of SFT demonstrations generated.",
+                               lo=1)
+  world_heldout_prompts: int = _f(200, "Synthetic world: number of held-out prompts generated.",
+                                  lo=1)
+  world_careless_fraction: float = _f(0.0, "Synthetic world: share of benign SFT demonstrations "
+                                      "by careless annotators (non-answers and false refusals; "
+                                      "world.WorldConfig.careless_fraction). 0 = all gold.",
+                                      lo=0.0, hi=1.0)
+  world_careless_tasks: str = _f("", "Synthetic world: benign task families (comma-separated, "
+                                 'e.g. "count_words,reverse") whose demonstrations are mostly a '
+                                 "careless annotator's habit (world.HABITS), a share "
+                                 "world_careless_task_fraction of them.")
+  world_careless_task_fraction: float = _f(0.6, "Share of the demonstrations of "
+                                           "world_careless_tasks that are the habit.",
+                                           lo=0.0, hi=1.0)
+  prompt_streams: int = _f(8, "Disjoint prompt streams of each split: stages that draw prompts "
+                           "(annotation rounds, rejection-sampling iterations, PPO) take "
+                           "different streams (their *.prompt_stream fields).", lo=1)
+  max_seq_len: int = _f(256, "Packed sequence length of SFT batches (Llama 2 SFT: 4096).", lo=2)
+  batch_size: int = _f(16, "Global batch size in packed sequences (Llama 2 SFT: 64).", lo=1)
+  tfds_dir: str = _f("", 'Where TFDS builders write their array_record files ("" = '
+                     "<workdir>/tfds).")
+  preference_jsonl_path: str = _f("", "Generic JSONL of preference pairs (schema in "
+                                  "llama_jax/data/sources.py), reward source "
+                                  '"jsonl_preferences".')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  """``config.mesh``: the device mesh (``llama_jax.sharding``)."""
+
+  shape: Tuple[int, ...] = _f((1, -1, 1), "Mesh shape over (data, fsdp, tensor); -1 = the "
+                              "remaining devices.", lo=-1, length=3,
+                              rule=(_mesh_ok, "none 0 and at most one -1"))
+  device_memory_gib: float = _f(80.0, "Memory per device for the --dry_run fit verdict, in GiB "
+                                "(A100/H100: 80).", lo=0.0, lo_ok=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotate:
+  """``config.annotate``: on-policy preference annotation (stage "annotate", Sec. 3.2.1;
+  synthetic world only). K samples of the policy per train prompt, every pair of different
+  oracle quality kept; generation lengths and batch size are rejection_sampling's."""
+
+  num_prompts: int = _f(0, "Train prompts sampled (the pipeline annotates when > 0; the stage "
+                        "needs >= 1).", lo=0)
+  k: int = _f(4, "Samples per prompt (pairs of samples: >= 2).", lo=2)
+  temperature: float = _f(1.0, "Sampling temperature.", lo=0.0, lo_ok=False)
+  rounds: int = _f(1, "Pipeline: annotation rounds. 1 = once, on SFT samples; j > 1 adds a "
+                   "round before rejection-sampling iteration j (or PPO) on the latest policy's "
+                   "samples, pairs accumulated, RMs retrained.", lo=1)
+  round: int = _f(1, "Set by the pipeline: this round's number (sampling key).", lo=1)
+  accumulate_from: str = _f("", "Set by the pipeline: the previous round's pairs, copied into "
+                            'this round\'s preferences.jsonl ("" = none).')
+  prompt_stream: int = _f(-1, _STREAM, lo=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  """``config.reward``: reward models (stage "reward", Llama 2 Sec. 3.2.2)."""
+
+  model: str = _f("helpfulness", "Which reward model this run trains: helpfulness | safety (a "
+                  "label for logs and eval; the data mixture makes it one or the other).")
+  sources: str = _f("world_helpfulness,world_safety", "Preference sources, comma-separated: "
+                    "world_helpfulness | world_safety | hh_rlhf | jsonl_preferences. The first "
+                    "is the primary set: an epoch is one pass over it.")
+  weights: str = _f("1,1", 'Mixture weights of the sources, same order ("" = proportional to '
+                    'their sizes); paper: helpfulness RM "1,1", safety RM "0.9,0.1".')
+  margin: str = _f("small", "Margin table m(rating) of the ranking loss (Table 27); pairs "
+                   "without a rating get margin 0.", choices=tuple(MARGINS))
+  safety_aux_weight: float = _f(0.0, "Weight of the safety auxiliary loss (Appendix A.4, Table "
+                                "29): BCE of sigmoid(r) against the pair's safety label. 0 = "
+                                "off; the pipeline sets it for the safety RM.", lo=0.0)
+  batch_size: int = _f(512, "Preference pairs per global batch (paper: 512); divisible by "
+                       "processes and by train.grad_accum_steps.", lo=1)
+  max_seq_len: int = _f(4096, "Row length of a response (prompt + response + EOS).", lo=2)
+  overlong: str = _f("error", 'A pair longer than max_seq_len: "error" (rejected before step 0, '
+                     'naming file and line) or "drop" (skipped, counted in data_stats.json).',
+                     choices=("error", "drop"))
+  world_train_pairs: int = _f(4000, "Synthetic world: train preference pairs per world source.",
+                              lo=1)
+  world_heldout_pairs: int = _f(400, "Synthetic world: held-out preference pairs per world "
+                                "source.", lo=1)
+  eval_pairs: int = _f(0, "Held-out pairs per source scored at each evaluation (0 = all).", lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionSampling:
+  """``config.rejection_sampling``: stage "rejection_sampling" (Llama 2 Sec. 3.2.3): K samples
+  per prompt, the best by the reward pooled with earlier iterations', fine-tuned on."""
+
+  help_rm: str = _f("", "Helpfulness reward model (a reward.save_reward_model directory).")
+  safety_rm: str = _f("", 'Safety reward model ("" = Rc = Rh).')
+  sample_from: str = _f("", 'Checkpoint to sample from ("" = the policy in init_from); a larger '
+                        "model's final/ distils its best samples into the policy.")
+  iteration: int = _f(1, "This iteration's number (RLHF-V<iteration>), recorded in every "
+                      "sampled record.", lo=1)
+  pool_from: str = _f("", "Sampled-set JSONL files of earlier iterations, comma-separated: "
+                      "their best samples are pooled with this iteration's.")
+  num_prompts: int = _f(512, "Prompts sampled per iteration.", lo=1)
+  k: int = _f(8, "Samples per prompt (K).", lo=1)
+  temperature: float = _f(1.0, "Sampling temperature.", lo=0.0, lo_ok=False)
+  top_p: float = _f(1.0, "Nucleus sampling share.", lo=0.0, hi=1.0, lo_ok=False)
+  max_new_tokens: int = _f(64, "Token budget of a sample.", lo=1)
+  max_prompt_len: int = _f(192, "Longest prompt in tokens (longer prompts are skipped, counted "
+                           "in data_stats.json).", lo=1)
+  batch_size: int = _f(16, "Prompts per generation batch (each expands to batch_size * k rows).",
+                       lo=1)
+  safety_threshold: float = _f(0.15, "Rs cut of the combined reward (Llama 2: 0.15).",
+                               lo=0.0, hi=1.0)
+  reward: str = _f("rm", 'Reward that picks the best sample: "rm" (Rc of the reward models) | '
+                   '"oracle" (the synthetic world\'s judge: the gold-reward control).',
+                   choices=REWARD_KINDS)
+  auto_temperature: bool = _f(False, "Sample at the temperature with the highest max-reward "
+                              "point of this iteration's Fig. 8 curve instead of temperature.")
+  prompt_stream: int = _f(-1, _STREAM, lo=-1)
+  num_steps: int = _f(0, "Fine-tuning on the pooled best samples: optimizer steps (0 = "
+                      "num_epochs passes).", lo=0)
+  num_epochs: float = _f(1.0, "Fine-tuning epochs.", lo=0.0)
+  lr: float = _f(1e-5, "Fine-tuning peak LR (cosine to 10%).", lo=0.0)
+  warmup_frac: float = _f(0.0, "Warmup of the fine-tuning LR as a share of its steps.",
+                          lo=0.0, hi=1.0)
+  plot_prompts: int = _f(32, "Figures 7/8: prompts of the reward-vs-temperature curve (0 = "
+                         "skip it).", lo=0)
+  plot_temperatures: str = _f("0.6,0.8,1.0,1.2,1.4", "Temperatures of that curve, "
+                              "comma-separated.")
+  plot_k: int = _f(8, "K of the samples of that curve.", lo=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPO:
+  """``config.ppo``: stage "ppo" (Llama 2 Sec. 3.2.3, Huang et al. 2024); the math defaults are
+  ``PPOConfig``'s (``llama_jax/ppo/step.py``)."""
+
+  help_rm: str = _f("", "Frozen helpfulness reward model (a reward model directory).")
+  safety_rm: str = _f("", 'Frozen safety reward model ("" = Rc = Rh).')
+  value_from: str = _f("", 'Value model initialization ("" = help_rm, as Huang et al. 2024; a '
+                       "policy checkpoint gets a new head).")
+  value_head_init: str = _f("zero", '"zero" (V = 0 at start, on the scale of the whitened '
+                            'returns) | "keep" (the RM head).', choices=("zero", "keep"))
+  reward: str = _f("rm", '"rm" (the reward models\' Rc) | "oracle" (the synthetic world\'s '
+                   "judge, the gold-reward control of Gao et al. 2022).", choices=REWARD_KINDS)
+  sft_from: str = _f("", "SFT policy (final/ dir) for the held-out KL-to-SFT of every "
+                     'evaluation ("" = not logged).')
+  prompt_stream: int = _f(-1, _STREAM, lo=-1)
+  num_iterations: int = _f(200, "PPO iterations (paper: 200-400, with early stopping).", lo=1)
+  batch_size: int = _f(512, "Prompts (rollouts) per iteration (paper: 512).", lo=1)
+  minibatch_size: int = _f(PPOConfig.minibatch_size, "Rollouts per gradient step (paper: 64).",
+                           lo=1)
+  epochs: int = _f(PPOConfig.epochs, "Passes over each rollout batch (paper: one gradient step "
+                   "per minibatch).", lo=1)
+  beta: float = _f(PPOConfig.beta, "KL coefficient (paper: 0.01 for 7B/13B, 0.005 for "
+                   "34B/70B).", lo=0.0)
+  kl_estimator: str = _f(PPOConfig.kl_estimator, "Per-token KL estimator of the penalty.",
+                         choices=KL_ESTIMATORS)
+  clip_eps: float = _f(PPOConfig.clip_eps, "Policy ratio clip.", lo=0.0, hi=1.0, lo_ok=False,
+                       hi_ok=False)
+  value_clip: float = _f(PPOConfig.value_clip, "Value clip range around the rollout values.",
+                         lo=0.0, lo_ok=False)
+  gamma: float = _f(PPOConfig.gamma, "GAE discount.", lo=0.0, hi=1.0)
+  lam: float = _f(PPOConfig.lam, "GAE lambda.", lo=0.0, hi=1.0)
+  temperature: float = _f(PPOConfig.temperature, "Rollout sampling temperature (also divides "
+                          "the logits of every log-prob).", lo=0.0, lo_ok=False)
+  max_new_tokens: int = _f(64, "Token budget of a rollout.", lo=1)
+  max_prompt_len: int = _f(192, "Longest prompt in tokens.", lo=1)
+  eos_penalty: Optional[float] = _f(PPOConfig.eos_penalty, "EOS trick: whitened score of a "
+                                    "completion without EOS (None = off).")
+  safety_threshold: float = _f(PPOConfig.safety_threshold, "Rs cut of the combined reward.",
+                               lo=0.0, hi=1.0, lo_ok=False, hi_ok=False)
+  lr: float = _f(1e-6, "Policy LR, constant (paper: 1e-6); b1/b2/eps/weight decay/clip come "
+                 "from config.optimizer.", lo=0.0)
+  value_lr: float = _f(1e-6, "Value model LR, constant.", lo=0.0)
+  num_prompts: int = _f(4096, "Training prompts: world: this many train-split prompts; file "
+                        "sources: this many of the sources' train prompts (0 = all).", lo=0)
+  eval_every: int = _f(10, "Held-out evaluation every N iterations (checkpoint selection by its "
+                       "mean reward).", lo=0)
+  eval_prompts: int = _f(64, "Distinct held-out prompts of each evaluation (one sample each at "
+                         "ppo.temperature, fixed key).", lo=1)
+  patience: int = _f(3, "Early stopping after this many evaluations without improvement (0 = "
+                     "never stop).", lo=0)
+  checkpoint_every: int = _f(10, "Save a checkpoint every N iterations (the last one and "
+                             "SIGTERM always save).", lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """``config.pipeline``: stage "pipeline" (``llama_jax.recipe.pipeline``): SFT -> RMs -> RS x k
+  -> PPO."""
+
+  rs_iterations: int = _f(2, "Rejection-sampling iterations (RLHF-V1..Vk) before PPO (0 = "
+                          "none).", lo=0)
+  ppo: bool = _f(True, "Run PPO on top of the last rejection-sampled checkpoint.")
+  rs_k: str = _f("", "Samples per prompt K of each rejection-sampling iteration, "
+                 'comma-separated ("" = every iteration uses rejection_sampling.k).')
+  rs_after_ppo: bool = _f(False, "A last rejection-sampling iteration on top of PPO (RLHF-V5 "
+                          "style).")
+  rs_sample_from: str = _f("", "Sample every rejection-sampling iteration from this (larger) "
+                           "model's final/ dir and distil its best samples into the policy; "
+                           '"" = the policy.')
+  oracle_control: bool = _f(False, "Gold-reward control (synthetic world): a second PPO from "
+                            'the same policy with ppo.reward="oracle" (stage ppo_oracle).')
+  safety_aux_weight: float = _f(1.0, "Safety RM's auxiliary safe/unsafe loss weight "
+                                "(reward.safety_aux_weight; Table 29).", lo=0.0)
+  help_sources: str = _f("world_helpfulness,world_safety", "Helpfulness RM stage: sources.")
+  help_weights: str = _f("1,1", "Helpfulness RM stage: mixture weights.")
+  safety_sources: str = _f("world_safety,world_helpfulness", "Safety RM stage: sources.")
+  safety_weights: str = _f("0.9,0.1", "Safety RM stage: mixture weights.")
+  annotate_help_weight: float = _f(1.0, "Mixture weight of the annotated on-policy pairs in "
+                                   "the helpfulness RM (ignored where the weights are \"\").",
+                                   lo=0.0)
+  annotate_safety_weight: float = _f(0.1, "Mixture weight of the annotated on-policy pairs in "
+                                     "the safety RM.", lo=0.0)
+  reward_lr: float = _f(1e-5, "Peak LR of the reward stages.", lo=0.0)
+  reward_num_epochs: float = _f(1.0, "Epochs of the reward stages.", lo=0.0)
+  reward_num_steps: int = _f(0, "Steps of the reward stages (0 = reward_num_epochs).", lo=0)
+  reward_warmup_frac: float = _f(0.03, "Warmup of the reward stages as a share of their steps.",
+                                 lo=0.0, hi=1.0)
+
+
+SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,
+            "reward": Reward, "rejection_sampling": RejectionSampling, "ppo": PPO,
+            "pipeline": Pipeline}
