@@ -1,7 +1,7 @@
 """Base configuration: every field of every stage. The ``model`` section is written out below
 (its fields are checked by ``LlamaConfig``); every other section is built from its typed
 dataclass, where each field's default, meaning and bounds live: ``llama_jax/train/settings.py``
-(``optimizer``, ``train``, ``eval``) and ``llama_jax/train/sections.py`` (the others).
+(``optimizer``, ``train``, ``eval``) and ``llama_jax/recipe/sections.py`` (the others).
 
 Stage configs (``configs/tiny.py``, ``configs/sft_7b.py``, ...) start from ``get_config()`` here
 and change what they need. Override any field on the command line, e.g.
@@ -10,7 +10,8 @@ and change what they need. Override any field on the command line, e.g.
 
 import ml_collections
 
-from llama_jax.train import sections, settings
+from llama_jax.recipe import sections
+from llama_jax.train import settings
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # jax.nn.dot_product_attention implementation: auto | xla | cudnn.
   c.model.attention_impl = "auto"
 
-  # ---- tokenizer, data (fields documented in llama_jax/train/sections.py: Tokenizer, Data) ----
+  # ---- tokenizer, data (fields documented in llama_jax/recipe/sections.py: Tokenizer, Data) ----
   # tokenizer: "world" (the synthetic world's BPE tokenizer) or a SentencePiece model path.
   c.tokenizer = settings.config_section(sections.Tokenizer)
   # data: SFT sources and weights, file paths, the synthetic world, split, packing, batch size.
@@ -66,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = settings.config_section(settings.Eval)
 
   # ---- stage sections: every field's default, meaning and bounds are in
-  # llama_jax/train/sections.py (PPO's math defaults come from PPOConfig, llama_jax/ppo/step.py).
+  # llama_jax/recipe/sections.py (PPO's math defaults come from PPOConfig, llama_jax/ppo/step.py).
   # Device mesh (llama_jax.sharding): shape over (data, fsdp, tensor), memory for --dry_run.
   c.mesh = settings.config_section(sections.Mesh)
   # On-policy preference annotation (stage "annotate"; llama_jax.recipe.annotate, Sec. 3.2.1).

@@ -1,4 +1,4 @@
-"""train.settings / train.sections: typed config sections (defaults in one place, bounds named)."""
+"""train.settings / recipe.sections: typed config sections (defaults in one place, bounds named)."""
 
 import dataclasses
 import glob
@@ -11,12 +11,15 @@ import pytest
 import configs
 from configs import base, tiny
 from llama_jax.ppo import step
-from llama_jax.train import sections, settings
+from llama_jax.recipe import sections
+from llama_jax.train import settings
+
+ALL = {**settings.SECTIONS, **sections.SECTIONS}
 
 
 def test_base_config_sections_are_the_dataclass_defaults():
   c = base.get_config()
-  for name, cls in settings.SECTIONS.items():
+  for name, cls in ALL.items():
     assert settings.read(c, name, cls) == cls()
     assert set(c[name].keys()) == {f.name for f in dataclasses.fields(cls)}
 
@@ -39,7 +42,7 @@ def test_read_gives_a_frozen_typed_section_with_overrides():
     ("eval", "temperature", float("nan"), "config.eval.temperature must be a finite number"),
 ])
 def test_bad_values_name_the_field(section, field, value, match):
-  cls = settings.SECTIONS[section]
+  cls = ALL[section]
   with pytest.raises(ValueError, match=match):
     settings.read({section: {field: value}}, section, cls)
 
@@ -66,12 +69,12 @@ def _shipped_configs():
 
 
 def test_every_section_is_typed_and_every_shipped_config_passes():
-  assert set(settings.SECTIONS) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh",
+  assert set(ALL) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh",
                                     "annotate", "reward", "rejection_sampling", "ppo", "pipeline"}
   shipped = _shipped_configs()
   assert len(shipped) >= 16
   for name, c in shipped:
-    settings.validate(c, "/tmp/w")
+    settings.validate(c, "/tmp/w", sections.SECTIONS)
     assert settings.read(c, "mesh", sections.Mesh).shape == tuple(c.mesh.shape), name
 
 
@@ -110,11 +113,11 @@ def test_optional_and_tuple_fields():
 ])
 def test_bad_stage_section_values_name_the_field(section, field, value, match):
   with pytest.raises(ValueError, match=match):
-    settings.read({section: {field: value}}, section, settings.SECTIONS[section])
+    settings.read({section: {field: value}}, section, ALL[section])
   c = tiny.get_config()
   try:
     c[section][field] = value
   except TypeError:  # ml_collections already refuses a value of another type
     return
   with pytest.raises(ValueError, match=match):
-    settings.validate(c, "/tmp/w")
+    settings.validate(c, "/tmp/w", sections.SECTIONS)

@@ -6,6 +6,7 @@ import json
 import ml_collections
 import pytest
 
+from llama_jax import convert
 from llama_jax.train import workdir as wd
 
 
@@ -55,7 +56,11 @@ def test_publish_replaces_and_results_mark_done(tmp_path):
   (work / "final" / "old.txt").write_text("old")
   assert not wd.is_done(str(work))
   assert wd.copy_final(str(src), str(work)) == str(work / "final")
-  assert sorted(p.name for p in (work / "final").iterdir()) == ["x.txt"]
+  assert sorted(p.name for p in (work / "final").iterdir()) == ["checksums.json", "x.txt"]
+  convert.verify_checksums(str(work / "final"))
+  (work / "final" / "x.txt").write_text("NEW")
+  with pytest.raises(ValueError, match="x.txt: changed since it was written"):
+    convert.verify_checksums(str(work / "final"))
   wd.write_result(str(work), {"finished": True})
   assert wd.is_done(str(work)) and json.loads((work / "result.json").read_text())["finished"]
   assert wd.read_json(str(work / "missing.json"), default={}) == {}

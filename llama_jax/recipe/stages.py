@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict
 
 from llama_jax.ppo import run as ppo_run
-from llama_jax.recipe import annotate, pipeline
+from llama_jax.recipe import annotate, pipeline, sections
 from llama_jax.rejection_sampling import run as rs_run
 from llama_jax.reward import run as reward_run
 from llama_jax.sft import run as sft_run
@@ -46,14 +46,14 @@ def get(name: str) -> Stage:
 
 
 def run(config, workdir: str) -> dict:
-  """Run the stage named by ``config.stage`` in ``workdir``, after the shared checks
-  (``train.settings.validate``).
+  """Run the stage named by ``config.stage`` in ``workdir``, after every section of the config
+  is read into its typed dataclass (``train.settings.validate`` with ``recipe.sections``).
 
   Raises:
     ValueError: for an unknown stage or a bad shared setting, before anything is written.
   """
   stage = get(config.stage)
-  settings.validate(config, workdir)
+  settings.validate(config, workdir, sections.SECTIONS)
   return stage.run(config, workdir)
 
 

@@ -1,11 +1,12 @@
 """Typed sections of the settings: ``config.train``, ``config.optimizer``, ``config.eval`` (shared
 by every stage) as frozen dataclasses here, each field with its default, meaning and bounds, and
 the stage sections (``tokenizer``, ``data``, ``mesh``, ``annotate``, ``reward``,
-``rejection_sampling``, ``ppo``, ``pipeline``) in ``train.sections``: the one place they live
-(``configs/base.py`` builds its sections from them with :func:`config_section`).
+``rejection_sampling``, ``ppo``, ``pipeline``) in ``recipe.sections`` (above the stages whose
+defaults they use): the one place they live (``configs/base.py`` builds its sections from them
+with :func:`config_section`).
 
-:func:`validate` (run by ``recipe.stages.run`` before any stage starts) reads every section of
-:data:`SECTIONS` into its dataclass once (:func:`read`), so a bad value fails before anything
+:func:`validate` (run by ``recipe.stages.run`` before any stage starts, with the stage sections)
+reads every section into its dataclass once (:func:`read`), so a bad value fails before anything
 runs, with the field named. The ml_collections config and ``--config.x=y`` overrides stay the
 user interface. ``config.model`` is not one of them: its None-able overrides are checked by
 ``LlamaConfig`` (``train.build.model_config``).
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from llama_jax.train import fields, sections
+from typing import Mapping, Optional, Type
+
+from llama_jax.train import fields
 
 _f, _is_int = fields._f, fields._is_int  # pylint: disable=protected-access
 read, config_section, describe = fields.read, fields.config_section, fields.describe
@@ -84,12 +87,13 @@ class Eval:
   bon_n: int = _f(64, "Samples per prompt of that curve.", lo=1)
 
 
-SECTIONS = {"train": Train, "optimizer": Optimizer, "eval": Eval, **sections.SECTIONS}
+SECTIONS = {"train": Train, "optimizer": Optimizer, "eval": Eval}
 
 
-def validate(config, workdir: str) -> None:
+def validate(config, workdir: str, stage_sections: Optional[Mapping[str, Type]] = None) -> None:
   """Checks the settings, before anything runs or is written: ``workdir`` not empty,
-  ``config.seed`` an int >= 0, and every section of :data:`SECTIONS` read into its dataclass
+  ``config.seed`` an int >= 0, and every section of :data:`SECTIONS` and ``stage_sections``
+  (``recipe.sections.SECTIONS``) read into its dataclass
   (types and bounds of each field: see the dataclasses). Checks across fields or against files
   (divisibility, paths, the model's length) stay with each stage.
 
@@ -101,5 +105,5 @@ def validate(config, workdir: str) -> None:
   seed = config.get("seed", 0)
   if not _is_int(seed) or seed < 0:
     raise ValueError(f"config.seed must be an int >= 0, got {seed!r}")
-  for section, cls in SECTIONS.items():
+  for section, cls in {**SECTIONS, **(stage_sections or {})}.items():
     read(config, section, cls)

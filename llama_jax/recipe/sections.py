@@ -3,7 +3,9 @@
 ``config.pipeline`` as frozen dataclasses, each field with its default, meaning and bounds (the
 one place they live: ``configs/base.py`` builds these sections with ``config_section``).
 
-``train.settings.validate`` reads each of them once before any stage starts (:data:`SECTIONS`).
+``recipe.stages.run`` reads each of them once before any stage starts (:data:`SECTIONS`,
+through ``train.settings.validate``); they live above the stages because the PPO and reward
+fields take their defaults and choices from ``ppo.step`` and ``reward.step``.
 The bounds are what the stages reject anyway (a count >= 1, a share in [0, 1], one of a few
 names); checks across fields or against files (divisibility, paths, the model's length, the
 number of prompt streams a pipeline needs) stay with each stage. PPO's math fields take their
