@@ -6,7 +6,7 @@ Run on top of the last rejection-sampled checkpoint, with the two reward models:
       --config.init_from=/ckpt/rs_4/final --config.ppo.help_rm=/ckpt/rm_help/final \\
       --config.ppo.safety_rm=/ckpt/rm_safety/final
 
-Memory plan of the jitted update (``llama_jax.ppo.run.lower_ppo_step``) and the rollouts::
+Memory plan of one PPO minibatch step and the rollouts (``llama_jax.ppo.run.PPOStage.abstract_steps``)::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python train.py --config=configs/ppo_7b.py --dry_run

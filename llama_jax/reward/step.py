@@ -359,7 +359,7 @@ def eval_step(params: Any, batch: Batch, *, cfg: LlamaConfig, margin: str = "non
 # ---- save / load --------------------------------------------------------------------------------
 def save_reward_model(path: str, cfg: LlamaConfig, params: Any) -> str:
   """Write ``path/params.json`` (Meta), ``path/reward_model.json`` and orbax ``path/params/``
-  (the layout of ``convert.save_orbax``, so ``stage_lib.restore_params(path,
+  (the layout of ``convert.save_orbax``, so ``train.checkpoint.restore_params(path,
   abstract_reward_params(...))`` restores it sharded). Replaces nothing: ``path`` must not exist
   or be empty.
 
