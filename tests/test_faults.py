@@ -14,27 +14,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
 from llama_jax import convert
 from llama_jax.data import input_pipeline
 from llama_jax.recipe import eval_run, stages
 from llama_jax.train import build
 from llama_jax.train import workdir as wd
+from train_helpers import tiny_sft_config
 
 
 def _config(**train):
-  c = tiny.get_config()
-  c.stage = "sft"
-  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
-  c.model.multiple_of = 16
-  c.tokenizer.world_vocab_size = 320
-  c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 20
-  c.data.max_seq_len, c.data.batch_size = 64, 4
-  c.eval.num_samples, c.eval.num_batches = 0, 1
-  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
-  for k, v in train.items():
-    c.train[k] = v
-  return c
+  return tiny_sft_config("sft", **train)
 
 
 def _train_rows(work):

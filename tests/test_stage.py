@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
 from llama_jax import convert, sharding
 from llama_jax.data import input_pipeline
 from llama_jax.recipe import dry_run, stages
@@ -19,6 +18,7 @@ from llama_jax.sft import step as sft
 from llama_jax.train import build, optim
 from llama_jax.train import stage as stage_lib
 from llama_jax.train.state import StateSetup, init_params_fn
+from train_helpers import tiny_sft_config
 
 
 def twice_step(state, batch, rng, *, cfg, optimizer):
@@ -67,17 +67,7 @@ def registered():
 
 
 def _config(**train):
-  c = tiny.get_config()
-  c.stage = "sft_twice"
-  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
-  c.model.multiple_of = 16
-  c.tokenizer.world_vocab_size = 320
-  c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 20
-  c.data.max_seq_len, c.data.batch_size = 64, 4
-  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
-  for k, v in train.items():
-    c.train[k] = v
-  return c
+  return tiny_sft_config("sft_twice", **train)
 
 
 def test_a_new_stage_runs_resumes_and_plans_through_the_skeleton(registered, tmp_path):
@@ -105,6 +95,6 @@ def test_a_new_stage_runs_resumes_and_plans_through_the_skeleton(registered, tmp
 
 def test_register_needs_a_name_and_get_names_the_known_stages():
   with pytest.raises(ValueError, match="name is empty"):
-    stages.register(stage_lib.Stage())
+    stages.register(type("Nameless", (stage_lib.Stage,), {"run": lambda self, c, w: {}})())
   with pytest.raises(ValueError, match="config.stage must be one of"):
     stages.get("nope")

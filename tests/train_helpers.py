@@ -1,10 +1,13 @@
-"""Helpers for tests that run train.py / eval.py in subprocesses on a tiny world config."""
+"""Helpers for tests that run train.py / eval.py in subprocesses on a tiny world config, or a
+stage in process (:func:`tiny_sft_config`)."""
 
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+from configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,20 @@ def result_of(proc):
   """The JSON train.py prints last."""
   out = proc.stdout
   return json.loads(out[out.index("{\n"):])
+
+
+def tiny_sft_config(stage="sft", **train):
+  """In-process twin of TINY_FLAGS (smaller data): a seconds-per-run SFT config on the world,
+  4 steps with checkpoints every 2; ``train`` overrides ``config.train`` fields."""
+  c = tiny.get_config()
+  c.stage = stage
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
+  c.model.multiple_of = 16
+  c.tokenizer.world_vocab_size = 320
+  c.data.world_sft_examples, c.data.world_heldout_prompts = 200, 20
+  c.data.max_seq_len, c.data.batch_size = 64, 4
+  c.eval.num_samples, c.eval.num_batches = 0, 1
+  c.train.num_steps, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
+  for k, v in train.items():
+    c.train[k] = v
+  return c

@@ -41,6 +41,7 @@ import time
 from typing import Any, Dict, List
 
 import jax
+import jax.numpy as jnp
 
 from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
@@ -232,10 +233,12 @@ class PPOStage(stage_lib.TrainingStage):
       eval_scorer = scoring.Scorer("rm", tokenizer, rms, threshold=scorer.threshold)
     selection = Selection(config, workdir, cfg, rollout.HeldOut(
         config, setup, eval_prompts, tokenizer, eval_scorer, ref, sft), scorer.kind)
+    # The policy starts as a copy of the reference (init_from is read and verified once; a copy,
+    # because the policy's state is donated to every update and the reference stays frozen).
     init_state = lambda: ppo.PPOState(
-        setup.policy.fresh_state(lambda: restore_params(config.init_from,
-                                                        setup.policy.abstract_params)),
+        setup.policy.fresh_state(lambda: jax.tree.map(jnp.copy, ref)),
         setup.value.fresh_state(lambda: rollout.value_init(config, setup, value_from)))
+    train = settings.read(config, "train", settings.Train)
     base_key = jax.random.key(config.seed)
     return stage_lib.Run(
         cfg=cfg, total_steps=int(c.num_iterations),
@@ -250,9 +253,8 @@ class PPOStage(stage_lib.TrainingStage):
         data_stats={"train_prompts": len(train_prompts), "train_dropped": train_prompts.dropped,
                     "held_out_prompts": len(eval_prompts)},
         checkpoint_every=int(c.checkpoint_every), log_every=1,
-        stop_after_steps=int(config.train.stop_after_steps),
-        max_nonfinite_steps=settings.read(config, "train", settings.Train).max_nonfinite_steps,
-        stop_grace_s=settings.read(config, "train", settings.Train).stop_grace_s)
+        stop_after_steps=train.stop_after_steps,
+        max_nonfinite_steps=train.max_nonfinite_steps, stop_grace_s=train.stop_grace_s)
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """``ppo.ppo_train_step`` on one minibatch, and the rollouts (``sampling.sample`` of

@@ -321,6 +321,16 @@ def reward_vs_temperature(scores_by_temperature: Mapping[float, Any], n: Optiona
   return {"temperature": temps, "max": maxes}
 
 
+def _save(fig: Figure, ax, xlabel: str, ylabel: str, out_png: str | os.PathLike) -> str:
+  """Label the axes, add the legend and write ``out_png`` (120 dpi); returns its path."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.fspath(out_png), dpi=120)
+  return os.fspath(out_png)
+
+
 def plot_reward_vs_n(curves: Mapping[str, Mapping[str, list]], out_png: str | os.PathLike) -> str:
   """Fig. 7-style plot: max (solid) and median (dashed) reward vs N, one colour per label
   (e.g. per iteration). ``curves``: label -> :func:`reward_vs_n` output. Returns the path."""
@@ -331,12 +341,7 @@ def plot_reward_vs_n(curves: Mapping[str, Mapping[str, list]], out_png: str | os
     ax.plot(c["n"], c["max"], "-o", color=color, ms=3, label=f"{label} max")
     ax.plot(c["n"], c["median"], "--", color=color, label=f"{label} median")
   ax.set_xscale("log")
-  ax.set_xlabel("N samples")
-  ax.set_ylabel("reward score")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.fspath(out_png), dpi=120)
-  return os.fspath(out_png)
+  return _save(fig, ax, "N samples", "reward score", out_png)
 
 
 def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
@@ -347,12 +352,7 @@ def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
   ax = fig.subplots()
   for label, c in curves.items():
     ax.plot(c["temperature"], c["max"], "-o", ms=3, label=label)
-  ax.set_xlabel("temperature")
-  ax.set_ylabel("max reward among N samples")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.fspath(out_png), dpi=120)
-  return os.fspath(out_png)
+  return _save(fig, ax, "temperature", "max reward among N samples", out_png)
 
 
 def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], k: int,

@@ -22,6 +22,7 @@ subclass), plus one line in ``llama_jax.recipe.stages.REGISTRY`` (see ``docs/arc
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import os
@@ -176,14 +177,15 @@ def check_batch(config, section: str, cfg: LlamaConfig, mesh) -> None:
                      f"is not divisible by the batch mesh axes data x fsdp = {shards}")
 
 
-class Stage:
-  """A stage of the recipe: what ``config.stage`` names (registry: ``recipe.stages``)."""
+class Stage(abc.ABC):
+  """A stage of the recipe: what ``config.stage`` names (registry: ``recipe.stages``).
+  Subclasses set ``name`` and write :meth:`run` (or derive from :class:`TrainingStage`)."""
 
   name = ""
 
+  @abc.abstractmethod
   def run(self, config, workdir: str) -> dict:
     """Run (or resume) the stage in ``workdir``; returns what ``result.json`` holds."""
-    raise NotImplementedError
 
   def abstract_steps(self, config, mesh) -> List[StepPlan]:
     """The stage's jitted steps lowered for ``mesh`` on abstract inputs (nothing allocated).
@@ -203,13 +205,13 @@ class Stage:
 class TrainingStage(Stage):
   """A stage that is one training loop: subclasses write :meth:`prepare` only."""
 
+  @abc.abstractmethod
   def prepare(self, config, workdir: str) -> Run:
     """Validate ``config`` and the data and build the :class:`Run`; write nothing.
 
     Raises:
       ValueError / FileNotFoundError: naming the field, file or source.
     """
-    raise NotImplementedError
 
   def run(self, config, workdir: str) -> dict:
     return run_stage(self, config, workdir)
