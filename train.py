@@ -9,12 +9,14 @@ mesh and print the per-device memory plan instead of training), ``--coordinator_
 line; such errors exit with status 2).
 """
 
+import errno
 import json
 import logging
 import os
 import sys
 import traceback
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -48,12 +50,12 @@ def main(argv):
   build.enable_compilation_cache(_JAX_CACHE.value)
   if _MULTIHOST.value or _COORD.value or _NPROC.value is not None:
     sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  if _DRY_RUN.value:
-    from llama_jax.recipe import dry_run  # pylint: disable=import-outside-toplevel
-    print(dry_run.report(_CONFIG.value))
-    return
   try:
-    result = stages.run(_CONFIG.value, _WORKDIR.value)
+    if _DRY_RUN.value:
+      from llama_jax.recipe import dry_run  # pylint: disable=import-outside-toplevel
+      print(dry_run.report(_load_config()))
+      return
+    result = stages.run(_load_config(), _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as err:  # the message says what
     if _TRACEBACK.value:
       raise
@@ -61,8 +63,53 @@ def main(argv):
     print(f"train.py: error: {err}\n  (raised at {where.filename}:{where.lineno}; --traceback "
           "for the full traceback)", file=sys.stderr)
     sys.exit(2)
+  except OSError as err:
+    if err.errno != errno.ENOSPC or _TRACEBACK.value:
+      raise
+    print(f"train.py: error: the disk is full ({err}); free space and rerun the same command: "
+          "the run resumes from its last complete checkpoint", file=sys.stderr)
+    sys.exit(2)
   print(json.dumps(result, indent=2, default=str))
 
 
+def _load_config():
+  """The --config file's config. Raises ValueError naming the file if it cannot be loaded (a
+  missing file, a syntax error, no get_config) or get_config() returns no ConfigDict."""
+  path = flags.FLAGS["config"].config_filename
+  if not os.path.isfile(path.split(":")[0]):
+    raise FileNotFoundError(f"--config={path}: no such config file")
+  try:
+    config = _CONFIG.value
+  except Exception as err:  # pylint: disable=broad-except  (whatever the config file raised)
+    raise ValueError(_cannot_load(err)) from err
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"--config={flags.FLAGS['config'].config_filename}: get_config() returned a "
+                     f"{type(config).__name__}, not an ml_collections.ConfigDict")
+  return config
+
+
+def _cannot_load(err: BaseException, path: str = "") -> str:
+  cause = err.__cause__ or err.__context__ or err
+  return (f"--config={path or flags.FLAGS['config'].config_filename}: cannot load it "
+          f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an error of the config file itself (a syntax error, no
+  get_config) printed as one line (exit 2) unless --traceback is given."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    print(f"{argv[0]}: {err}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(1)
+  except Exception as err:  # pylint: disable=broad-except  (raised by the config file)
+    if "--traceback" in argv:
+      raise
+    path = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/tiny.py"]
+    print(f"train.py: error: {_cannot_load(err, path[-1])}\n  (--traceback for the full "
+          "traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

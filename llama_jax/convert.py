@@ -344,7 +344,7 @@ def _digests(path: str) -> dict:
     for name in sorted(files):
       full = os.path.join(d, name)
       rel = os.path.relpath(full, path)
-      if rel == CHECKSUMS:
+      if rel in (CHECKSUMS, CHECKSUMS + ".tmp"):
         continue
       h = hashlib.blake2b(digest_size=16)
       with open(full, "rb") as f:
@@ -358,8 +358,10 @@ def write_checksums(path: str | os.PathLike) -> str:
   """``path/checksums.json``: a digest of every file of a finished directory (e.g. a stage's
   ``final/``), which :func:`verify_checksums` (and every loader here) checks. Returns its path."""
   out = os.path.join(os.fspath(path), CHECKSUMS)
-  with open(out, "w") as f:
-    json.dump(_digests(os.fspath(path)), f, indent=1, sort_keys=True)
+  digests = _digests(os.fspath(path))
+  with open(out + ".tmp", "w") as f:  # renamed when complete: a kill never leaves half a list
+    json.dump(digests, f, indent=1, sort_keys=True)
+  os.replace(out + ".tmp", out)
   return out
 
 

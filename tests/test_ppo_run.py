@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -11,62 +10,19 @@ import pytest
 
 from configs import tiny
 from llama_jax import convert
-from llama_jax.config import LlamaConfig
-from llama_jax.data import world, world_tokenizer
-from llama_jax.model import init_params
 from llama_jax.ppo import rollout
 from llama_jax.ppo import run as ppo_run
-from llama_jax.reward import step as reward
 from llama_jax.train import build
-
-VOCAB = 320
-CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,
-                  max_seq_len=128)
+from train_helpers import ppo_workdir, tiny_ppo_config, tiny_ppo_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  """A world tokenizer, a random policy that ends some of its 8-token samples with EOS, and two
-  random reward models on disk."""
-  root = tmp_path_factory.mktemp("ppo_models")
-  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
-                                  vocab_size=VOCAB)
-  policy = jax.tree.map(np.array, init_params(CFG, jax.random.key(0)))  # writable copies
-  policy["tok_embeddings"][:, 0] = 10.0  # a large, positive residual dim 0 ...
-  policy["output"][0, :] = 0.0
-  policy["output"][0, 2] = 0.75  # ... that lifts the EOS logit: some rollouts end, some do not
-  convert.save_orbax(root / "policy", CFG, policy)
-  for i, name in enumerate(("help", "safe")):
-    rm = reward.init_reward_params(init_params(CFG, jax.random.key(10 + i)), jax.random.key(20 + i))
-    reward.save_reward_model(str(root / name), CFG, rm)
-  return root
+  return tiny_ppo_models(tmp_path_factory.mktemp("ppo_models"))
 
 
-def make_config(models, **ppo):
-  c = tiny.get_config()
-  c.stage = "ppo"
-  c.init_from = str(models / "policy")
-  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
-  c.model.multiple_of, c.model.max_seq_len = 16, 128
-  c.tokenizer.world_vocab_size = VOCAB
-  c.train.async_checkpoint = False
-  p = c.ppo
-  p.help_rm, p.safety_rm = str(models / "help"), str(models / "safe")
-  p.num_iterations, p.batch_size, p.minibatch_size = 2, 8, 4
-  p.max_new_tokens, p.max_prompt_len = 8, 48
-  p.num_prompts, p.eval_prompts, p.eval_every, p.patience = 32, 8, 0, 0
-  p.lr, p.value_lr = 1e-3, 1e-3
-  for k, v in ppo.items():
-    p[k] = v
-  return c
-
-
-def _workdir(models, tmp_path, name):
-  work = tmp_path / name
-  work.mkdir()
-  for f in ("tokenizer.model", "tokenizer.model.json"):  # reuse, do not retrain
-    shutil.copy(models / "tok" / f, work / f)
-  return work
+make_config = tiny_ppo_config
+_workdir = ppo_workdir
 
 
 def _lines(work, split):

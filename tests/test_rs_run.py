@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.data import world, world_tokenizer
 from llama_jax.model import init_params
 from llama_jax.recipe import stages
+from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import step as reward
 from llama_jax.tokenizer import Tokenizer
 
@@ -73,10 +76,26 @@ def _records(path):
   return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path):
+def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path, monkeypatch):
   a, b = _workdir(models, tmp_path, "a"), _workdir(models, tmp_path, "b")
-  res = stages.get("rejection_sampling").run(make_config(models, auto_temperature=True), str(a))
-  stages.get("rejection_sampling").run(make_config(models, auto_temperature=True), str(b))
+  config = lambda: make_config(models, auto_temperature=True, batch_size=1)
+  res = stages.get("rejection_sampling").run(config(), str(a))
+  # b: a SIGTERM during the first batch of the main pass stops it after that batch (batches of
+  # 1 prompt); the next run resumes from the saved batch with the same samples.
+  sample_k, calls = rs_lib.sample_k, []
+  def sample_k_then_sigterm(params, cfg, tok, chunk, k, *args, **kw):
+    calls.append(k)
+    if k == 3 and calls.count(3) == 1:  # the main pass (Fig. 8's curve uses plot_k=2)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return sample_k(params, cfg, tok, chunk, k, *args, **kw)
+  monkeypatch.setattr(rs_lib, "sample_k", sample_k_then_sigterm)
+  stopped = stages.get("rejection_sampling").run(config(), str(b))
+  assert stopped["stopped_by_signal"] and not stopped["finished"]
+  assert not (b / "sampled.jsonl").exists()
+  assert [p.name for p in (b / "sampling").rglob("batch_*.json")] == ["batch_0000000.json"]
+  stages.get("rejection_sampling").run(config(), str(b))
+  assert not (b / "sampling").exists()
+  assert calls.count(3) == res["sampled"]["prompts"] >= 2  # each batch sampled once
   assert (a / "sampled.jsonl").read_bytes() == (b / "sampled.jsonl").read_bytes()
   records = _records(a / "sampled.jsonl")
   st = res["sampled"]

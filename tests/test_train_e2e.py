@@ -57,6 +57,24 @@ def test_unknown_and_unimplemented_stages_fail_clearly(tmp_path):
   assert proc.returncode != 0 and "traine" in proc.stderr
 
 
+@pytest.mark.parametrize("body,message", [
+    ("def get_config():\n  return {'stage': 'sft'}\n",
+     "get_config() returned a dict, not an ml_collections.ConfigDict"),
+    ("def get_config(:\n", "cannot load it (SyntaxError: invalid syntax"),
+    ("x = 1\n", "cannot load it (AttributeError: module 'config_config' has no attribute 'get_config'"),
+    (None, "no such config file"),
+])
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, body, message):
+  path = tmp_path / "config.py"
+  if body is not None:
+    path.write_text(body)
+  proc = run_train(tmp_path / "w", config=str(path), check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+  assert len(errors) == 1 and f"--config={path}" in errors[0] and message in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
 def _jsonl(path, prompt, n):
   with open(path, "w") as f:
     for i in range(n):

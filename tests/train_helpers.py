@@ -4,10 +4,24 @@ stage in process (:func:`tiny_sft_config`)."""
 import json
 import os
 import pathlib
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
 from configs import tiny
+from llama_jax import convert
+from llama_jax.config import LlamaConfig
+from llama_jax.data import world, world_tokenizer
+from llama_jax.model import init_params
+from llama_jax.reward import step as reward
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,3 +80,116 @@ def tiny_sft_config(stage="sft", **train):
   for k, v in train.items():
     c.train[k] = v
   return c
+
+
+PPO_VOCAB = 320
+PPO_MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=PPO_VOCAB,
+                        multiple_of=16, max_seq_len=128)
+
+
+def tiny_ppo_models(root):
+  """A world tokenizer, a random policy that ends some of its 8-token samples with EOS, and two
+  random reward models on disk."""
+  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
+                                  vocab_size=PPO_VOCAB)
+  policy = jax.tree.map(np.array, init_params(PPO_MODEL, jax.random.key(0)))  # writable copies
+  policy["tok_embeddings"][:, 0] = 10.0  # a large, positive residual dim 0 ...
+  policy["output"][0, :] = 0.0
+  policy["output"][0, 2] = 0.75  # ... that lifts the EOS logit: some rollouts end, some do not
+  convert.save_orbax(root / "policy", PPO_MODEL, policy)
+  for i, name in enumerate(("help", "safe")):
+    rm = reward.init_reward_params(init_params(PPO_MODEL, jax.random.key(10 + i)), jax.random.key(20 + i))
+    reward.save_reward_model(str(root / name), PPO_MODEL, rm)
+  return root
+
+
+def tiny_ppo_config(models, **ppo):
+  """A seconds-per-iteration PPO config over ``tiny_ppo_models(models)``: 2 iterations of 8
+  rollouts x 8 tokens; ``ppo`` overrides ``config.ppo`` fields."""
+  c = tiny.get_config()
+  c.stage = "ppo"
+  c.init_from = str(models / "policy")
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
+  c.model.multiple_of, c.model.max_seq_len = 16, 128
+  c.tokenizer.world_vocab_size = PPO_VOCAB
+  c.train.async_checkpoint = False
+  p = c.ppo
+  p.help_rm, p.safety_rm = str(models / "help"), str(models / "safe")
+  p.num_iterations, p.batch_size, p.minibatch_size = 2, 8, 4
+  p.max_new_tokens, p.max_prompt_len = 8, 48
+  p.num_prompts, p.eval_prompts, p.eval_every, p.patience = 32, 8, 0, 0
+  p.lr, p.value_lr = 1e-3, 1e-3
+  for k, v in ppo.items():
+    p[k] = v
+  return c
+
+
+def ppo_workdir(models, tmp_path, name):
+  """``tmp_path/name`` holding the models' world tokenizer (so a PPO run does not retrain it)."""
+  work = tmp_path / name
+  work.mkdir()
+  for f in ("tokenizer.model", "tokenizer.model.json"):  # reuse, do not retrain
+    shutil.copy(models / "tok" / f, work / f)
+  return work
+
+
+# ---- repeated SIGKILL during saves (test_sigkill_*.py) ----
+
+def saving_now(checkpoints, since: float) -> bool:
+  """True while orbax writes a step: its temporary directory exists and changed after ``since``
+  (a killed run's leftover one does not count)."""
+  try:
+    with os.scandir(checkpoints) as entries:
+      return any("tmp" in e.name and e.stat().st_mtime >= since for e in entries)
+  except FileNotFoundError:  # also: the directory was renamed while we looked
+    return False
+
+
+def kill_during_saves(cmd, work, kills: int, seed: int) -> list:
+  """Start ``cmd`` again and again, each time SIGKILLing it a random 0-20 ms into its first
+  or second checkpoint save, until it has been killed ``kills`` times; then let it finish.
+  Returns the steps of the newest checkpoint seen after each kill."""
+  rng = random.Random(seed)
+  checkpoints, seen = work / "checkpoints", []
+  while len(seen) < kills:
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    skip, deadline, was_saving = rng.randrange(2), time.monotonic() + 300, False
+    while proc.poll() is None and time.monotonic() < deadline:
+      saving = saving_now(checkpoints, started)
+      if saving and not was_saving:
+        if skip == 0:
+          time.sleep(rng.uniform(0.0, 0.02))
+          proc.send_signal(signal.SIGKILL)
+          break
+        skip -= 1
+      was_saving = saving
+      time.sleep(0.001)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode != -signal.SIGKILL:
+      assert proc.returncode == 0, err[-3000:]
+      pytest.fail(f"the run finished after {len(seen)} kills; give it more steps")
+    seen.append(sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()))
+  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return seen
+
+
+def assert_same_run(a, b):
+  """``final/`` params and the last checkpoint's whole state (params, optimizer state, step, RNG;
+  PPO: the value model too) of two workdirs are bitwise equal."""
+  _, pa = convert.load_orbax(str(a / "final"))
+  _, pb = convert.load_orbax(str(b / "final"))
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  last = max(int(d) for d in os.listdir(a / "checkpoints") if d.isdigit())
+  states = []
+  for work in (a, b):
+    with ocp.StandardCheckpointer() as ckptr:
+      states.append(ckptr.restore(work / "checkpoints" / str(last) / "state"))
+  leaves = [jax.tree_util.tree_leaves_with_path(s) for s in states]
+  assert [p for p, _ in leaves[0]] == [p for p, _ in leaves[1]]
+  assert any("opt_state" in jax.tree_util.keystr(p) for p, _ in leaves[0])
+  for (path, x), (_, y) in zip(*leaves):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))

@@ -206,6 +206,9 @@ def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> str:
   return path
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _json_object(where: str, raw: bytes) -> Any:
   """The JSON object of one line (None for a blank line).
 
@@ -227,6 +230,12 @@ def _json_object(where: str, raw: bytes) -> Any:
     raise ValueError(f"{where}: JSON nested too deeply") from None
   if not isinstance(obj, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  if _SURROGATE_ESCAPE.search(line):  # "\ud800" decodes to a str no tokenizer can encode
+    try:
+      json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"{where}: text holds a lone UTF-16 surrogate ({e.object[e.start]!r}), "
+                       "which is not a Unicode character") from None
   return obj
 
 

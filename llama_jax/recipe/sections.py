@@ -120,7 +120,8 @@ class Reward:
   """``config.reward``: reward models (stage "reward", Llama 2 Sec. 3.2.2)."""
 
   model: str = _f("helpfulness", "Which reward model this run trains: helpfulness | safety (a "
-                  "label for logs and eval; the data mixture makes it one or the other).")
+                  "label for logs and eval; the data mixture makes it one or the other).",
+                  choices=("helpfulness", "safety"))
   sources: str = _f("world_helpfulness,world_safety", "Preference sources, comma-separated: "
                     "world_helpfulness | world_safety | hh_rlhf | jsonl_preferences. The first "
                     "is the primary set: an epoch is one pass over it.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+import ml_collections
+
 from llama_jax.ppo import run as ppo_run
 from llama_jax.recipe import annotate, pipeline, sections
 from llama_jax.rejection_sampling import run as rs_run
@@ -50,8 +52,13 @@ def run(config, workdir: str) -> dict:
   is read into its typed dataclass (``train.settings.validate`` with ``recipe.sections``).
 
   Raises:
-    ValueError: for an unknown stage or a bad shared setting, before anything is written.
+    ValueError: for a config that is not an ``ml_collections.ConfigDict`` (e.g. a config file's
+      ``get_config()`` returning a dict), an unknown stage or a bad setting, before anything is
+      written.
   """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"the config must be an ml_collections.ConfigDict (get_config() of a config "
+                     f"file returns one, e.g. configs/base.py), got {type(config).__name__}")
   stage = get(config.stage)
   settings.validate(config, workdir, sections.SECTIONS)
   return stage.run(config, workdir)

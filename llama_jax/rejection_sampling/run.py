@@ -13,6 +13,9 @@ Steps (each resumable: a finished step's file is reused):
      the two RMs' combined reward, or the world oracle) and the chosen (best finished) index;
      truncated samples (no EOS) are never chosen. Keys derive from ``config.seed`` and the
      iteration, so the file is reproducible. ``sampled_stats.json``: temperature, truncation.
+     Until the file is written, finished batches wait in ``<workdir>/sampling/``: SIGTERM or
+     SIGINT stops the pass after the current batch (exit 0, ``stopped_by_signal``), and the next
+     run, like one after a kill, resumes from those batches with the same samples.
   3. Fig. 7 (max / median reward over N samples) as JSON + PNG.
   4. ``<workdir>/pooled.jsonl``: per prompt the best record over this iteration and the earlier
      iterations' picks (``rejection_sampling.pool_from``), re-scored with this iteration's reward
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -41,6 +45,7 @@ from llama_jax.reward import scoring
 from llama_jax.train import build
 from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
+from llama_jax.train.checkpoint import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +68,16 @@ def _validate(config):
 
 
 def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, k: int,
-                     temperature: float, key: jax.Array):
+                     temperature: float, key: jax.Array, batch_dir: Optional[str] = None,
+                     stop=None):
   """K samples per prompt and their rewards: ([n][k] texts, [n, k] bool finished, [n, k] float
   scores ``Rc`` of ``scorer`` (``scoring.Scorer``); truncated samples are scored too, but
   callers never pick them. An empty sample (EOS first) counts as not finished: it is no answer
-  to fine-tune on."""
-  texts, finished = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k, temperature=temperature,
-                                 key=key)
+  to fine-tune on. ``batch_dir``, ``stop``: as in ``rs_lib.sample_texts`` (resumable batches;
+  raises ``rs_lib.SamplingStopped``)."""
+  texts, finished = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
+                                        temperature=temperature, key=key, batch_dir=batch_dir,
+                                        stop=stop)
   finished = [[f and bool(t.strip()) for t, f in zip(row, done)]
               for row, done in zip(texts, finished)]
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
@@ -223,17 +231,21 @@ class _Iteration:
              best_temperature(curve), curve["temperature"])
     return best_temperature(curve)
 
-  def sample(self, temperature: float) -> Tuple[list, dict]:
-    """``sampled.jsonl`` records and ``sampled_stats.json`` (reused when both exist), Fig. 7."""
+  def sample(self, temperature: float, stop=None) -> Tuple[list, dict]:
+    """``sampled.jsonl`` records and ``sampled_stats.json`` (reused when both exist), Fig. 7.
+    The pass keeps its finished batches in ``sampling/`` until then (a stop or a kill resumes
+    from them); raises ``rs_lib.SamplingStopped`` when ``stop()`` turns True between batches."""
     rc, prompts = self.rc, self.prompts
     sampled_path = os.path.join(self.workdir, "sampled.jsonl")
     stats_path = os.path.join(self.workdir, "sampled_stats.json")
     if os.path.exists(sampled_path) and os.path.exists(stats_path):
       log.info("rejection sampling: reusing %s", sampled_path)
       return rs_lib.read_jsonl(sampled_path), wd.read_json(stats_path)
+    batch_dir = os.path.join(self.workdir, "sampling", f"T{temperature:g}")
     texts, finished, scores = sample_and_score(self.config, self.policy(), self.tokenizer,
                                                self.scorer, prompts, k=rc.k,
-                                               temperature=temperature, key=self.key)
+                                               temperature=temperature, key=self.key,
+                                               batch_dir=batch_dir, stop=stop)
     records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
                                   iteration=rc.iteration, temperature=temperature,
                                   finished=finished,
@@ -245,6 +257,7 @@ class _Iteration:
     if jax.process_index() == 0:
       rs_lib.write_records(sampled_path, records)
       wd.write_json(stats_path, stats)
+      shutil.rmtree(os.path.join(self.workdir, "sampling"), ignore_errors=True)
     return records, stats
 
   def pool(self, records: list) -> Tuple[dict, list]:
@@ -307,13 +320,22 @@ class RejectionSamplingStage(stage_lib.Stage):
       with wd.clean_on_failure(workdir, existed):
         it = _Iteration(config, workdir)
         wd.check_resume(workdir, config, any(os.path.exists(os.path.join(workdir, name)) for name
-                                             in ("sampled.jsonl", "figures", "finetune")))
-      return self._run(config, workdir, it)
+                                             in ("sampled.jsonl", "sampling", "figures", "finetune")))
+      wd.write_config(workdir, config)
+      stop = StopSignal(grace_s=float(config.train.stop_grace_s))
+      try:
+        records, sample_stats = it.sample(it.temperature(), stop=lambda: stop.requested)
+      except rs_lib.SamplingStopped as err:
+        log.info("rejection sampling: %s by a signal; the next run resumes from %s", err,
+                 os.path.join(workdir, "sampling"))
+        return {"iteration": config.rejection_sampling.iteration, "finished": False,
+                "stopped_by_signal": True}
+      finally:
+        stop.restore()
+      return self._run(config, workdir, it, records, sample_stats)
 
-  def _run(self, config, workdir: str, it: _Iteration) -> dict:
+  def _run(self, config, workdir: str, it: _Iteration, records: list, sample_stats: dict) -> dict:
     rc = config.rejection_sampling
-    wd.write_config(workdir, config)
-    records, sample_stats = it.sample(it.temperature())
     it.release()
     pooled, rescored = it.pool(records)
     sft_jsonl, sft_records = it.write_pool(pooled)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 from matplotlib.figure import Figure
@@ -399,20 +399,44 @@ class Policy(NamedTuple):
   params: Any
 
 
+class SamplingStopped(Exception):
+  """A stop was requested between two batches of :func:`sample_texts` (the finished batches
+  are in its ``batch_dir``)."""
+
+
 def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
-                 key: jax.Array) -> tuple[List[List[str]], List[List[bool]]]:
+                 key: jax.Array, batch_dir: Optional[str] = None,
+                 stop: Optional[Callable[[], bool]] = None) -> tuple[List[List[str]], List[List[bool]]]:
   """K samples per prompt record (``{"prompt": dialog, ...}``): ([n][k] texts, [n][k] finished),
   generated in batches of ``config.rejection_sampling.batch_size`` prompts (batch at offset i
   with key ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``. policy: a
-  :class:`Policy`. ``finished`` False marks a sample truncated at the token budget."""
+  :class:`Policy`. ``finished`` False marks a sample truncated at the token budget.
+
+  ``batch_dir``: each finished batch is written there (process 0, ``batch_<i>.json``) and reused
+  by a later call, so an interrupted pass resumes where it stopped with the same samples.
+  ``stop``: checked after each batch; when it returns True, raises :class:`SamplingStopped`.
+  """
   rc = config.rejection_sampling
   cfg, params = policy.cfg, policy.params
   texts: List[List[str]] = []
   finished: List[List[bool]] = []
   for start in range(0, len(prompts), rc.batch_size):
-    chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
-    t, f = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
-                           temperature, rc.max_new_tokens, top_p=rc.top_p)
+    path = batch_dir and os.path.join(batch_dir, f"batch_{start:07d}.json")
+    if path and os.path.isfile(path):
+      with open(path) as fh:
+        done = json.load(fh)
+      t, f = done["texts"], done["finished"]
+    else:
+      chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
+      t, f = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
+                      temperature, rc.max_new_tokens, top_p=rc.top_p)
+      if path and jax.process_index() == 0:
+        os.makedirs(batch_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+          json.dump({"texts": t, "finished": [[bool(x) for x in row] for row in f]}, fh)
+        os.replace(path + ".tmp", path)
     texts += t
     finished += f
+    if stop is not None and stop():
+      raise SamplingStopped(f"stopped after {start + len(t)} of {len(prompts)} prompts")
   return texts, finished

@@ -39,12 +39,16 @@ def model_config(config, vocab_size: Optional[int] = None) -> LlamaConfig:
 
   Raises:
     ValueError: naming the field, on an unknown preset or a disagreeing override.
+    FileNotFoundError: if ``init_from`` has no ``params.json``.
   """
   m = config.model
   overrides = {k: m[k] for k in ARCH_FIELDS if m.get(k) is not None}
   execution = {k: m[k] for k in EXEC_FIELDS}
   init_from = config.get("init_from", "")
   if init_from:
+    if not os.path.isfile(os.path.join(init_from, "params.json")):
+      raise FileNotFoundError(f"config.init_from: {init_from} is not a checkpoint directory "
+                              "with a params.json (a stage's final/ or convert --to orbax output)")
     base = LlamaConfig.from_params_json(os.path.join(init_from, "params.json"))
     for k, v in overrides.items():
       if getattr(base, k) != v:
@@ -183,6 +187,9 @@ def sft_sources(config, workdir: str) -> list:
   names = parse_list(config.data.sft_sources, "config.data.sft_sources")
   if not names:
     raise ValueError("config.data.sft_sources is empty")
+  for name in names:
+    if name not in SFT_SOURCES:
+      raise ValueError(f"config.data.sft_sources: unknown source {name!r}; choose from {SFT_SOURCES}")
   return [source_builder(n, "sft", config, workdir, num_train=config.data.world_sft_examples,
                          num_held_out=config.data.world_heldout_prompts) for n in names]
 

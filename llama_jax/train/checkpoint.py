@@ -1,14 +1,20 @@
 """Orbax checkpoints of a training stage: train state + data iterator state, async, keep-N.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data}``. Orbax writes each step into a temporary
-directory and renames it only once complete, so a save killed midway leaves the previous
-checkpoint intact and ``latest_step`` never returns a partial one.
+Layout: ``<workdir>/checkpoints/<step>/{state,data,checksums.json}``. Orbax writes each step into
+a temporary directory and renames it only once complete, so a save killed midway leaves the
+previous checkpoint intact and ``latest_step`` never returns a partial one. Once a save is
+complete, process 0 adds ``checksums.json`` (``convert.write_checksums``), and a restore checks
+it first, so a file changed on disk afterwards (a flipped bit) is detected: ``restore_intact``
+then falls back to the newest intact checkpoint. A checkpoint without the list (killed between
+the two) restores unverified.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import threading
 from typing import Any, Optional
@@ -16,6 +22,7 @@ from typing import Any, Optional
 import grain
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from llama_jax import convert
@@ -31,13 +38,18 @@ class Checkpointer:
     save_every: save when ``step % save_every == 0`` (0 = only explicit/forced saves).
     keep: number of most recent checkpoints to keep.
     async_save: write in a background thread (orbax async checkpointing).
+    checksums: write ``checksums.json`` into each completed checkpoint and verify it on restore
+      (reading every file: ~1 GB/s).
   """
 
-  def __init__(self, directory: str, save_every: int = 0, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, save_every: int = 0, keep: int = 3, async_save: bool = True,
+               checksums: bool = True):
     if keep < 1:
       raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
+    self.checksums = checksums
+    self._unlisted: Optional[int] = None  # the step whose save may still be in flight
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         save_decision_policy=None)
@@ -57,10 +69,40 @@ class Checkpointer:
     """Start saving (async unless disabled). Returns False if a checkpoint of ``step`` exists."""
     if step in self.all_steps():
       return False
+    self._list_finished()
+    self._check_space(state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved and self.checksums:
+      self._unlisted = step
+    return saved
+
+  def _check_space(self, state: Any):
+    """Raises OSError(ENOSPC) before a save that cannot fit on the disk (orbax would fail
+    midway in its background threads, burying the cause under hundreds of lines)."""
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)) + (64 << 20)
+    where = self.directory
+    while not os.path.exists(where):
+      where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < need:
+      raise OSError(errno.ENOSPC, f"no space left for a checkpoint in {self.directory}: "
+                    f"{free / 2**30:.2f} GiB free, a checkpoint needs ~{need / 2**30:.2f} GiB "
+                    "(the last complete checkpoint is kept)")
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _list_finished(self):
+    """Wait for the in-flight save, then write its ``checksums.json`` (process 0)."""
+    if self._unlisted is None:
+      return
+    self._manager.wait_until_finished()
+    step, self._unlisted = self._unlisted, None
+    if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
+      convert.write_checksums(self.step_dir(step))
 
   def restore(self, abstract_state: Any, data_iterator: Any = None, step: Optional[int] = None):
     """Restore ``step`` (default: latest) into the structure/shardings of ``abstract_state``
@@ -69,6 +111,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if self.checksums:
+      convert.verify_checksums(self.step_dir(step))
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -78,7 +122,7 @@ class Checkpointer:
   def restore_intact(self, abstract_state: Any, data_iterator: Any = None):
     """``(state, step)`` of the newest checkpoint that restores (state and data iterator): a
     damaged newer one (missing metadata, truncated shard, empty step directory, missing
-    iterator state) is skipped with a warning naming it.
+    iterator state, a file that disagrees with its ``checksums.json``) is skipped with a warning naming it.
 
     Raises:
       FileNotFoundError: if there is no checkpoint. ValueError: if none restores, with each
@@ -90,20 +134,39 @@ class Checkpointer:
     errors = []
     for step in steps:
       try:
-        return self.restore(abstract_state, data_iterator, step), step
+        state = self.restore(abstract_state, data_iterator, step)
       except Exception as err:  # pylint: disable=broad-except  (orbax, grain, tensorstore)
         errors.append(f"step {step}: {type(err).__name__}: {err}")
         log.warning("checkpoint %s/%d is damaged (%s); trying an older one", self.directory, step,
                     errors[-1][:300])
+        continue
+      self._set_aside(steps[:len(errors)])
+      return state, step
     raise ValueError(f"no intact checkpoint in {self.directory}: " + "; ".join(
         e[:300] for e in errors))
 
+  def _set_aside(self, damaged):
+    """Rename damaged steps to ``damaged-<step>`` (kept for inspection, ignored by orbax) so the
+    resumed run can save those steps again."""
+    if not damaged:
+      return
+    if jax.process_count() > 1:  # every process has finished reading before they move
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    if jax.process_index() == 0:
+      for step in damaged:
+        target = os.path.join(self.directory, f"damaged-{step}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(self.step_dir(step), target)
+        log.warning("moved the damaged checkpoint %s to %s", self.step_dir(step), target)
+    self._manager.reload()
+
   def wait(self):
-    """Block until the in-flight async save (if any) is complete."""
+    """Block until the in-flight async save (if any) is complete (and its checksums written)."""
     self._manager.wait_until_finished()
+    self._list_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 
@@ -130,17 +193,31 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   shardings of ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with ``sharding``).
 
   Raises:
-    FileNotFoundError: if ``path/params`` is missing. ValueError: if a parameter is not finite
-      or a file disagrees with ``path/checksums.json`` (``convert.verify_checksums``).
+    FileNotFoundError: if ``path/params`` is missing. ValueError: if a parameter is not finite,
+      its saved shape differs from ``abstract_params`` (naming it), or a file disagrees with ``path/checksums.json`` (``convert.verify_checksums``).
   """
   target = os.path.join(os.path.abspath(path), "params")
   if not os.path.isdir(target):
     raise FileNotFoundError(f"init_from: orbax params directory {target} not found")
   convert.verify_checksums(path)
   with ocp.StandardCheckpointer() as ckptr:
+    _check_saved_shapes(ckptr.metadata(target).item_metadata.tree, abstract_params, path)
     params = ckptr.restore(target, abstract_params)
   check_finite(params, f"init_from {path}")
   return params
+
+
+def _check_saved_shapes(saved: Any, abstract_params: Any, path: str) -> None:
+  """Raises ValueError naming the first parameter whose saved shape (or presence) differs."""
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(saved), shapes(abstract_params)
+  for name in sorted(set(got) | set(want)):
+    if got.get(name) != want.get(name):
+      raise ValueError(
+          f"init_from {path}: parameter {name} is {got.get(name, 'absent')} there but the model "
+          f"(config.model and {os.path.join(path, 'params.json')}) needs "
+          f"{want.get(name, 'no such parameter')}: the checkpoint does not match its params.json")
 
 
 def abstract_like(tree: Any) -> Any:

@@ -41,6 +41,9 @@ class Train:
                              "SIGTERM/SIGINT).", lo=0)
   keep_checkpoints: int = _f(2, "Checkpoints kept.", lo=1)
   async_checkpoint: bool = _f(True, "Save checkpoints asynchronously.")
+  checkpoint_checksums: bool = _f(True, "Write a BLAKE2b of every file into each finished "
+                                  "checkpoint (process 0, ~1 GB/s) and verify it on restore: a "
+                                  "damaged checkpoint is skipped for the newest intact one.")
   max_nonfinite_steps: int = _f(10, "Halt (nonzero exit) after this many consecutive steps whose "
                                 "loss or gradient was NaN/Inf (each is skipped and counted as "
                                 "the metric nonfinite); 0 = never halt.", lo=0)

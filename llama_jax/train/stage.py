@@ -238,7 +238,7 @@ def _open(stage: TrainingStage, config, workdir: str):
   run = stage.prepare(config, workdir)
   t = settings.read(config, "train", settings.Train)
   checkpointer = Checkpointer(ckpt_dir, run.checkpoint_every, t.keep_checkpoints,
-                              t.async_checkpoint)
+                              t.async_checkpoint, t.checkpoint_checksums)
   try:
     latest = checkpointer.latest_step()
     if latest is not None and latest > run.total_steps:

@@ -97,7 +97,8 @@ def write_result(workdir: str, result: dict) -> None:
 # Fields that may differ when a run resumes: they change how a run is observed or cut, never
 # what it computes (anything else differing is refused unless train.allow_config_change).
 HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.async_checkpoint", "train.stop_after_steps",
+            "train.keep_checkpoints", "train.async_checkpoint", "train.checkpoint_checksums",
+            "train.stop_after_steps",
             "train.max_nonfinite_steps", "train.allow_config_change", "train.stop_grace_s",
             "mesh.device_memory_gib",
             "eval.")
