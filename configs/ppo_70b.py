@@ -21,4 +21,11 @@ def get_config():
   # Mesh (data, fsdp, tensor) = (1, 8, 8): 64 GPUs; batch 512 / minibatch 64 split over fsdp 8.
   c.mesh.shape = (1, 8, 8)
   c.mesh.device_memory_gib = 80.0
+  # Each minibatch of 64 rollouts (8 per device) in 8 microbatches of 1 row per device: the same
+  # gradient, an eighth of the activations (ppo_train_step temporaries 98 -> 25 GiB).
+  c.train.grad_accum_steps = 8
+  # The train state (24 GiB per device) waits in host memory while rollouts generate (as 7B);
+  # GQA keeps the KV cache of all 512 rollouts small (5 GiB per device): one generation batch.
+  c.ppo.offload_state = True
+  c.ppo.generation_batch_size = 0
   return c

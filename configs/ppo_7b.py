@@ -70,4 +70,10 @@ def get_config():
   # (tensor parallel over 'tensor', replicated over 'fsdp': use (1, 1, 8) rules for sampling).
   c.mesh.shape = (1, 8, 1)
   c.mesh.device_memory_gib = 80.0
+  # Memory (docs/memory_plans.md): each minibatch of 64 (8 rows per device) in 8 microbatches;
+  # the train state waits in host memory during rollouts; rollouts in 4 chunks of 128 (7B has
+  # no GQA: the KV cache of all 512 x 2048 tokens would be 34 GiB per device).
+  c.train.grad_accum_steps = 8
+  c.ppo.offload_state = True
+  c.ppo.generation_batch_size = 128
   return c

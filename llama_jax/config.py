@@ -62,7 +62,11 @@ class LlamaConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # nn.scan over layers (False = the same loop fully unrolled)
   remat: str = "none"  # activation checkpointing per layer: none | minimal | full
-  attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+  # Training/scoring attention: "auto" = llama_jax's chunked causal kernel on CPU and
+  # jax.nn.dot_product_attention's own choice elsewhere; "xla" / "cudnn" = that
+  # jax.nn.dot_product_attention implementation on every backend (cudnn: NVIDIA GPUs only).
+  # Decoding with a KV cache always uses llama_jax's kernel.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):

@@ -124,8 +124,7 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice(cv, value.transpose(0, 2, 1, 3).astype(cv.dtype), index)
       new_kv = (ck, cv)
       out = attention(q, ck.astype(dt), cv.astype(dt), mask)
-    elif cfg.attention_impl == "cudnn" or (cfg.attention_impl == "auto" and
-                                           jax.default_backend() != "cpu"):
+    elif cfg.attention_impl != "auto" or jax.default_backend() != "cpu":
       out = jax.nn.dot_product_attention(
           q, key, value, mask=mask[:, None, :, :],
           implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl)
@@ -212,6 +211,15 @@ class Transformer(nn.Module):
     out = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
     logits = dense(x, out.astype(cfg.compute_dtype), out_dtype=jnp.float32)
     return logits, new_kv
+
+
+def lm_head(params: Params, hidden: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """The output projection alone: ``hidden [..., d]`` (``forward(..., return_hidden=True)``,
+  already RMSNorm-ed) -> logits ``[..., v]`` float32, equal to ``forward``'s logits at those
+  positions. Apply it to the positions that need logits only (e.g. a response): the full
+  ``[b, t, v]`` float32 logits of a long sequence are the largest activation of a step."""
+  return dense(hidden.astype(cfg.compute_dtype), params["output"].astype(cfg.compute_dtype),
+               out_dtype=jnp.float32)
 
 
 def _check_tokens(tokens, cfg: LlamaConfig):

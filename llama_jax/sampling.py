@@ -95,11 +95,47 @@ class _LoopState(NamedTuple):
   done: jax.Array
 
 
+PREFILL_CHUNK = 256
+
+
+def _prefill(params, prompt_tokens, prompt_mask, cfg: LlamaConfig, max_new_tokens: int,
+             chunk: int):
+  """(last-position logits [b, v], unstacked params, unstacked cache) after the prompt.
+
+  A prompt longer than ``chunk`` goes in chunks of ``chunk`` tokens through ``decode_step``
+  (left-padded to a multiple of it; padding is masked, so nothing changes for the real tokens),
+  writing the per-layer cache buffers the decode loop reads: each chunk's attention scores are
+  [b, n, chunk, s] instead of the whole prompt's [b, n, p, s], and the cache is never copied
+  from its stacked form (at 7B shapes, 512 x 1024-token prompts: 45.3 -> 19.9 GiB of temporaries
+  per device on a (1, 4, 2) mesh with 4 layers; docs/memory_plans.md).
+  """
+  b, p = prompt_tokens.shape
+  if p <= chunk:
+    cache = init_cache(cfg, b, p + max_new_tokens)
+    logits, cache = forward_cached(params, prompt_tokens, cfg, cache, prompt_mask, last_only=True)
+    return logits[:, -1], unstack_layers(params), unstack_cache(cache)
+  pad = -p % chunk
+  tokens = jnp.pad(prompt_tokens, ((0, 0), (pad, 0)))
+  mask = jnp.pad(prompt_mask, ((0, 0), (pad, 0)))
+  n = (p + pad) // chunk
+  params = unstack_layers(params)
+  cache = unstack_cache(init_cache(cfg, b, p + pad + max_new_tokens))
+  chunks = (tokens.reshape(b, n, chunk).swapaxes(0, 1), mask.reshape(b, n, chunk).swapaxes(0, 1))
+
+  def step(carry, xs):
+    return decode_step(params, xs[0], cfg, carry[1], xs[1]), None
+
+  init = (jnp.zeros((b, cfg.vocab_size), jnp.float32), cache)
+  (logits, cache), _ = jax.lax.scan(step, init, chunks)
+  return logits, params, cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p",
-                                             "top_k", "eos_id", "pad_id"))
+                                             "top_k", "eos_id", "pad_id", "prefill_chunk"))
 def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
            cfg: LlamaConfig, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, eos_id: int = 2, pad_id: int = 0) -> GenerateOutput:
+           top_k: int = 0, eos_id: int = 2, pad_id: int = 0,
+           prefill_chunk: int = PREFILL_CHUNK) -> GenerateOutput:
   """Jitted generation from left-padded prompts (the pure core of :func:`generate`).
 
   Args:
@@ -108,16 +144,17 @@ def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     prompt_mask: [b, p] bool, True on real prompt tokens.
     key: PRNG key; step ``i`` uses ``fold_in(key, i)``, so results are reproducible.
     cfg, max_new_tokens, temperature, top_p, top_k, eos_id, pad_id: static settings.
+    prefill_chunk: prompts longer than this are prefilled in chunks of it (memory; see
+      :func:`_prefill`).
   Returns:
     GenerateOutput with [b, m] arrays (m = max_new_tokens). Stops early once all rows finished.
   """
-  b, p = prompt_tokens.shape
-  cache = init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = forward_cached(params, prompt_tokens, cfg, cache, prompt_mask, last_only=True)
-  # The loop reads each layer's weights and cache as its own buffer (sliced once, here).
-  params, cache = unstack_layers(params), unstack_cache(cache)
+  b = prompt_tokens.shape[0]
+  # The loop reads each layer's weights and cache as its own buffer (sliced once, in _prefill).
+  logits, params, cache = _prefill(params, prompt_tokens, prompt_mask, cfg, max_new_tokens,
+                                   prefill_chunk)
   state = _LoopState(
-      step=jnp.zeros((), jnp.int32), logits=logits[:, -1], cache=cache,
+      step=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
       tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
       logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
       lengths=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))

@@ -19,16 +19,12 @@ change memory and communication by a factor the user did not ask for).
 State is built shape-first (``init_params_sharded``): ``jax.eval_shape`` -> shardings ->
 ``jax.jit(init, out_shardings=...)``, so no host ever holds the full model.
 
-Generation layout (Llama 2 paper, Sec. 3.2.3, PPO training details): sampling with FSDP-sharded
-weights all-gathers every weight at every decode step (~20x slower at 70B). ``to_generation_layout``
-reshards the weights once to tensor-parallel-within-node, replicated-across-nodes
-(``GENERATION_RULES``) for the rollouts; the copy is freed when the returned tree is dropped.
+Generation layout (Llama 2 Sec. 3.2.3): sampling with FSDP-sharded weights all-gathers every
+weight at every decode step (~20x slower at 70B); ``to_generation_layout`` copies the weights once
+to tensor-parallel-within-node (``GENERATION_RULES``). ``initialize_distributed`` (multi-process
+startup, ``llama_jax.distributed``) is re-exported here.
 
-Multi-process startup (``initialize_distributed``) lives in ``llama_jax.distributed`` and is
-re-exported here.
-
-Meshes use ``AxisType.Auto`` (GSPMD/Shardy propagation from in/out shardings and
-``with_sharding_constraint``), not the ``Explicit`` default of ``jax.make_mesh`` in jax 0.10.
+Meshes use ``AxisType.Auto`` (GSPMD/Shardy propagation), not ``jax.make_mesh``'s ``Explicit``.
 """
 
 from __future__ import annotations
@@ -447,7 +443,7 @@ def reshard(tree: Any, shardings: Any, dtype: Any = None) -> Any:
 
 
 def to_generation_layout(params: Any, cfg: LlamaConfig, mesh: Mesh,
-                         rules: Rules = GENERATION_RULES, dtype: Any = None) -> Any:
+                         rules: Rules = GENERATION_RULES, dtype: Any = "compute") -> Any:
   """A copy of ``params`` laid out for sampling (tensor-parallel weights, no FSDP split).
 
   The training params are left untouched. Free the copy by dropping every reference to the
@@ -458,14 +454,25 @@ def to_generation_layout(params: Any, cfg: LlamaConfig, mesh: Mesh,
   Source: Llama 2 paper, Sec. 3.2.3 (generation under FSDP ~20x slower; consolidating the
   weights per node before generation, freeing them after, fixed it).
 
-  ``dtype`` (e.g. ``cfg.dtype = "bfloat16"``) casts the copy, halving its memory; the model
-  computes in ``cfg.dtype`` anyway, so bfloat16 weights change nothing when ``cfg.dtype`` is
-  bfloat16.
+  ``dtype``: the copy's; ``"compute"`` (default) = ``cfg.dtype``, None = the params'. The model
+  casts every weight to ``cfg.dtype`` before use, so such a copy samples exactly as the params
+  do, in half the memory for f32 params with bf16 compute (70B, tensor 8: 16 vs 32 GiB).
 
   Raises:
     ValueError: see ``param_shardings`` (e.g. kv heads not divisible by the tensor size).
   """
+  if isinstance(dtype, str) and dtype == "compute":
+    dtype = cfg.compute_dtype
   return reshard(params, param_shardings(cfg, mesh, rules), dtype)
+
+
+def move_to_memory(tree: Any, kind: str) -> Any:
+  """``tree`` in memory ``kind`` ("pinned_host", "device"), same shardings; the source buffers
+  are freed (jax cannot donate across memory kinds), so other references become invalid."""
+  out = jax.block_until_ready(jax.tree.map(
+      lambda x: jax.device_put(x, x.sharding.with_memory_kind(kind)), tree))
+  jax.tree.map(lambda x: x.delete(), tree)
+  return out
 
 
 # ---- multi-host batches -------------------------------------------------------------------------

@@ -65,12 +65,13 @@ def _run_dry(n_devices: int, *args: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def plans():
-  """stdout of the tiny (8 devices, an impossible 1 MiB memory limit) and the 70B (64 devices)
-  dry runs, run in parallel."""
+  """stdout of the tiny (8 devices, an impossible 1 MiB memory limit), the SFT 70B and the PPO
+  70B (64 devices) dry runs, run in parallel."""
   procs = {
       "tiny": _run_dry(8, "--config=configs/tiny.py", "--config.stage=sft",
                        "--config.mesh.device_memory_gib=0.001"),
       "70b": _run_dry(64, "--config=configs/sft_70b.py"),
+      "ppo_70b": _run_dry(64, "--config=configs/ppo_70b.py"),
   }
   out = {}
   for name, proc in procs.items():
@@ -127,6 +128,20 @@ def test_70b_plan_on_64_devices(plans):
   assert 80.0 - total > 0
 
 
+def test_ppo_70b_plan_fits_every_program_with_10_gib_spare(plans):
+  """configs/ppo_70b.py (issue 16): the minibatch step (8 microbatches) and the rollouts (bf16
+  generation copy, chunked prefill, train state parked in pinned_host) each fit 80 GiB per
+  device with at least 10 GiB to spare."""
+  text = plans["ppo_70b"]
+  steps = re.findall(r"^step (.+?) \(grad_accum_steps", text, re.M)
+  assert steps[0] == "ppo.ppo_train_step (one minibatch)" and steps[1].startswith(
+      "sampling.sample (rollouts, generation layout; train state"), steps
+  spare = [float(x) for x in re.findall(r"verdict: fits in 80\.0 GiB per device \(([\d.]+) GiB "
+                                        r"to spare\)", text)]
+  assert len(spare) == len(steps) == 2 and min(spare) >= 10.0, text
+  assert "grad_accum_steps 8" in text
+
+
 def _config(shape, memory=80.0):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   c = tiny.get_config()
@@ -165,8 +180,12 @@ def test_rejection_sampling_plans_its_finetune_and_reports_the_rest():
   c = _config((1, -1, 1))
   c.stage = "rejection_sampling"
   p = dry_run.plan(c)
-  assert [s["name"] for s in p["steps"]] == ["sft.train_step"]
-  assert any("rejection-sampling pass" in u for u in p["unavailable"])
+  assert [s["name"] for s in p["steps"]][0] == "sft.train_step"
+  sample = p["steps"][1]
+  assert sample["name"].startswith("sampling.sample (rejection-sampling pass")
+  rc = c.rejection_sampling
+  assert sample["batch_shapes"]["prompt_tokens"] == (rc.batch_size * rc.k, rc.max_prompt_len)
+  assert any("scoring" in u for u in p["unavailable"])
   assert "not yet available" in dry_run.format_plan(p)
 
 

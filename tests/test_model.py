@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax.model import apply_rope, causal_mask
+from llama_jax.model import apply_rope
 
 CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
                      ffn_dim_multiplier=1.3, rope_theta=5e5, max_seq_len=128)
@@ -182,3 +182,20 @@ def test_bad_tokens_raise(params):
     lj.forward(params, jnp.zeros((4,), jnp.int32), CFG)
   with pytest.raises(ValueError, match="integer"):
     lj.forward(params, jnp.zeros((1, 4), jnp.float32), CFG)
+
+
+def test_attention_impl_xla_calls_dot_product_attention_on_cpu(params, monkeypatch):
+  """``attention_impl="xla"`` means jax.nn.dot_product_attention(implementation="xla") on every
+  backend (it used to be ignored on CPU); "auto" keeps llama_jax's kernel on CPU. Same values."""
+  calls = []
+  original = jax.nn.dot_product_attention
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("implementation"))
+    return original(*args, **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 12)), jnp.int32)
+  auto = lj.forward(params, tokens, CFG)
+  assert calls == []
+  xla = lj.forward(params, tokens, CFG.replace(attention_impl="xla"))
+  assert calls and set(calls) == {"xla"}
+  np.testing.assert_allclose(np.asarray(xla), np.asarray(auto), atol=2e-5, rtol=1e-5)

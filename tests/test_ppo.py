@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -63,7 +64,10 @@ def _gen_by_hand():
                         jnp.asarray(finished))
 
 
-PCFG = ppo.PPOConfig(beta=0.05, temperature=0.7, eos_penalty=-3.0, minibatch_size=4)
+# Teacher-forced old log-probs: exact (KL 0 when policy == reference) and independent of the
+# sampler, so hand-made rollouts work; the sampler's are compared with them below.
+PCFG = ppo.PPOConfig(beta=0.05, temperature=0.7, eos_penalty=-3.0, minibatch_size=4,
+                     old_logprobs="recompute")
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +110,60 @@ def test_rollout_logprobs_equal_teacher_forced(models):
       assert mask[i].tolist() == [j < int(gen.lengths[i]) for j in range(M)]
 
 
+def test_response_only_logits_and_sampler_logprobs_match_the_full_path(models):
+  """The speed paths (logits of the response positions only; the sampler's log-probs as the old
+  ones) give the full-logits, recomputed path's log-probs, experience and losses within 1e-5."""
+  policy, ref, value, help_rm, safe_rm = models
+  policy = jax.tree.map(lambda x: x * 0.5, policy)  # pi != ref: a non-zero KL
+  batch = _prompts()
+  gen = sample(policy, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(5), cfg=CFG,
+               max_new_tokens=M, temperature=0.7, eos_id=EOS, pad_id=PAD)
+  ro = ppo.rollout_tensors(batch["prompt_tokens"], batch["prompt_mask"], gen)
+  mask = np.asarray(ro["response_mask"])
+  logits = lj.forward(policy, ro["tokens"], CFG, positions=ro["positions"],
+                      segment_ids=ro["segment_ids"])[:, -M - 1:-1] / 0.7  # the old full path
+  full = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                            np.asarray(ro["response_tokens"])[..., None], -1)[..., 0]
+  fast, _ = ppo.response_logprobs(policy, ro["tokens"], ro["positions"], ro["segment_ids"],
+                                  ro["response_tokens"], cfg=CFG, temperature=0.7)
+  np.testing.assert_allclose(np.asarray(fast)[mask], full[mask], atol=1e-5, rtol=0)
+  sampler_cfg = dataclasses.replace(PCFG, old_logprobs="sampler")
+  exp_r, st_r = _experience_fn(PCFG)(policy, ref, value, help_rm, safe_rm, batch, gen)
+  exp_s, st_s = _experience_fn(sampler_cfg)(policy, ref, value, help_rm, safe_rm, batch, gen)
+  for k in ("old_logprobs", "kl", "rewards", "advantages", "returns"):
+    np.testing.assert_allclose(np.asarray(exp_s[k]), np.asarray(exp_r[k]), atol=1e-5, rtol=0,
+                               err_msg=k)
+  assert float(st_r["kl"]) != 0.0
+  state = ppo.init_ppo_state(policy, value, OPT, OPT)
+  _, m_r = _step()(state, exp_r, None)
+  _, m_s = _step()(state, exp_s, None)
+  for k in ("policy_loss", "value_loss", "approxkl", "ratio", "entropy", "kl_policy"):
+    assert abs(float(m_s[k]) - float(m_r[k])) < 1e-5, k
+
+
+def test_microbatched_step_equals_one_pass(models):
+  """grad_accum_steps=4 (config.train.grad_accum_steps): the minibatch's gradient, update and
+  metrics as one pass (token-weighted), within float error."""
+  policy, ref, value, help_rm, safe_rm = models
+  batch = _prompts()
+  gen = sample(policy, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(6), cfg=CFG,
+               max_new_tokens=M, temperature=0.7, eos_id=EOS, pad_id=PAD)
+  exp, _ = _experience_fn(PCFG)(policy, ref, value, help_rm, safe_rm, batch, gen)
+  state = ppo.init_ppo_state(jax.tree.map(lambda x: x * 0.9, policy), value, OPT, OPT)
+  accum = jax.jit(functools.partial(ppo.ppo_train_step, cfg=CFG, policy_opt=OPT, value_opt=OPT,
+                                    ppo_cfg=dataclasses.replace(PCFG, grad_accum_steps=4)))
+  one_state, one = _step()(state, exp, None)
+  acc_state, acc = accum(state, exp, None)
+  assert set(one) == set(acc)
+  for k in one:
+    np.testing.assert_allclose(float(acc[k]), float(one[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(acc_state), jax.tree.leaves(one_state)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
+    ppo.PPOConfig(minibatch_size=4, grad_accum_steps=3)
+
+
 def _right_padded_rm_probs(params, batch, gen):
   """Reference: each row re-packed as prompt + response from position 0 with *right* padding (no
   left padding, no segment ids, default positions): by causality the last real token's score
@@ -127,8 +185,7 @@ def test_rewards_placement_and_eos_trick(models):
   policy, ref, value, help_rm, safe_rm = models
   batch, gen = _prompts(), _gen_by_hand()
   exp, stats = _experience_fn(PCFG)(policy, ref, value, help_rm, safe_rm, batch, gen)
-  rewards, kl, mask = (np.asarray(exp["rewards"]), np.asarray(exp["kl"]),
-                       np.asarray(exp["response_mask"]))
+  rewards, kl = np.asarray(exp["rewards"]), np.asarray(exp["kl"])
   lengths = np.asarray(gen.lengths)
   # Independent reference for the scalar score: per-row unpadded RM passes, Rc, logit, whiten.
   rc = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax.sampling import generate, left_pad, sample_logits
+from llama_jax.sampling import generate, left_pad, sample, sample_logits
 
 CFG = lj.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
                      rope_theta=5e5, max_seq_len=128)
@@ -161,3 +161,30 @@ def test_bad_arguments(params):
   with pytest.raises(ValueError, match="left-padded"):
     generate(params, CFG, (np.ones((1, 3), np.int32), np.array([[True, True, False]])),
              jax.random.key(0), max_new_tokens=2)
+
+
+def test_chunked_prefill_equals_one_pass(params):
+  """A prompt longer than ``prefill_chunk`` is prefilled in chunks (padded on the left to a
+  multiple): the same tokens and log-probs as one pass, for ragged left-padded prompts."""
+  rng = np.random.RandomState(0)
+  tokens, mask = left_pad([list(rng.randint(3, CFG.vocab_size, n)) for n in (11, 3, 7, 1)])
+  args = (params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(1))
+  one = sample(*args, cfg=CFG, max_new_tokens=6, temperature=1.0, eos_id=-1)
+  for chunk in (4, 5):  # 11 tokens: 3 chunks of 4 (1 padding column), 3 of 5 (4 padding)
+    chunked = sample(*args, cfg=CFG, max_new_tokens=6, temperature=1.0, eos_id=-1,
+                     prefill_chunk=chunk)
+    np.testing.assert_array_equal(np.asarray(chunked.tokens), np.asarray(one.tokens))
+    np.testing.assert_allclose(np.asarray(chunked.logprobs), np.asarray(one.logprobs), atol=1e-5)
+
+
+def test_weights_in_the_compute_dtype_sample_exactly_as_f32_params(params):
+  """The generation copy is cast to cfg.dtype (sharding.to_generation_layout): the model casts
+  every weight to it before use, so bf16 weights sample exactly as f32 params with bf16 compute."""
+  cfg = CFG.replace(dtype="bfloat16")
+  tokens, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+  args = (jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(2))
+  f32 = sample(params, *args, cfg=cfg, max_new_tokens=6, eos_id=-1)
+  bf16 = sample(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), *args, cfg=cfg,
+                max_new_tokens=6, eos_id=-1)
+  np.testing.assert_array_equal(np.asarray(bf16.tokens), np.asarray(f32.tokens))
+  np.testing.assert_array_equal(np.asarray(bf16.logprobs), np.asarray(f32.logprobs))

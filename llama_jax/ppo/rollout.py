@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -26,15 +25,21 @@ from llama_jax.reward import scoring
 from llama_jax.reward import step as reward
 from llama_jax.train import build, optim
 from llama_jax.train.checkpoint import restore_params
-from llama_jax.train.stage import StepPlan, shard_bytes
+from llama_jax.train.stage import StepPlan, sampling_plan, shard_bytes
 from llama_jax.train.state import StateSetup
 
 
 def ppo_config(config) -> ppo.PPOConfig:
   """``ppo.PPOConfig`` from the fields of ``config.ppo`` it has (its defaults are
-  ``PPOConfig``'s, which ``configs/base.py`` uses too). Raises ValueError naming the field."""
-  return ppo.PPOConfig(**{f.name: config.ppo[f.name] for f in dataclasses.fields(ppo.PPOConfig)
-                          if f.name in config.ppo})
+  ``PPOConfig``'s, which ``configs/base.py`` uses too) and ``config.train.grad_accum_steps``.
+  Raises ValueError naming the field."""
+  fields = {f.name: config.ppo[f.name] for f in dataclasses.fields(ppo.PPOConfig)
+            if f.name in config.ppo}
+  accum = int(config.train.get("grad_accum_steps", 1))
+  if config.ppo.minibatch_size % accum:
+    raise ValueError(f"config.ppo.minibatch_size={config.ppo.minibatch_size} is not divisible "
+                     f"by config.train.grad_accum_steps={accum}")
+  return ppo.PPOConfig(**fields, grad_accum_steps=accum)
 
 
 def optimizers(config):
@@ -58,6 +63,10 @@ def validate(config):
     raise ValueError(f"config.ppo.batch_size={c.batch_size} is not divisible by "
                      f"config.ppo.minibatch_size={c.minibatch_size}")
   build.per_process_batch(c.batch_size, "config.ppo.batch_size")
+  gb = int(c.get("generation_batch_size", 0))
+  if gb and c.batch_size % gb:
+    raise ValueError(f"config.ppo.generation_batch_size={gb} does not divide "
+                     f"config.ppo.batch_size={c.batch_size}")
   if c.num_prompts < 0:
     raise ValueError(f"config.ppo.num_prompts must be >= 0, got {c.num_prompts}")
   if c.eval_every < 0 or c.patience < 0 or c.checkpoint_every < 0:
@@ -147,40 +156,34 @@ def check_plan(config, cfg: LlamaConfig, mesh) -> None:
     if pc[name] % shards:
       raise ValueError(f"config.ppo.{name}={pc[name]} is not divisible by the batch mesh axes "
                        f"data x fsdp = {shards}")
+  gb = int(pc.get("generation_batch_size", 0))
+  if gb and (pc.batch_size % gb or gb % shards):
+    raise ValueError(f"config.ppo.generation_batch_size={gb} must divide batch_size="
+                     f"{pc.batch_size} and be a multiple of data x fsdp = {shards}")
+  accum = int(config.train.get("grad_accum_steps", 1))
+  if pc.minibatch_size % (accum * shards):
+    raise ValueError(f"config.ppo.minibatch_size={pc.minibatch_size} is not divisible by "
+                     f"config.train.grad_accum_steps x data x fsdp = {accum} x {shards}: each "
+                     "microbatch must split over the batch mesh axes")
 
 
 def plan_rollouts(config, setup: Setup, state) -> StepPlan:
   """:class:`~llama_jax.train.stage.StepPlan` of rollout generation (``sampling.sample`` of
-  ``ppo.batch_size`` prompts): policy weights resharded to the generation layout (tensor
-  parallel, replicated over data/fsdp), prompts split over the batch axes; the train state
-  ``state`` and the frozen reference policy and two reward models (the policy's shape, f32)
-  stay resident and are added to the total."""
-  pc, cfg, mesh = config.ppo, setup.cfg, setup.mesh
-  b, p, m = int(pc.batch_size), int(pc.max_prompt_len), int(pc.max_new_tokens)
-  gen_rules = sharding.GENERATION_RULES
-  gen_params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            sharding.param_shapes(cfg),
-                            sharding.param_shardings(cfg, mesh, gen_rules))
-  gen_batch_sh = sharding.batch_sharding(mesh, gen_rules)
-  prompts = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=gen_batch_sh)
-  pmask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=gen_batch_sh)
-  # Every GenerateOutput leaf ([b, m] tokens / logprobs, [b] lengths / done) is split like the batch.
-  gen_sh = jax.tree.map(lambda _: gen_batch_sh, sampling.GenerateOutput(0, 0, 0, 0))
-  sample = sharding.jit_step(
-      lambda params, tok, msk, key: sampling.sample(params, tok, msk, key, cfg=cfg,
-                                                    max_new_tokens=m,
-                                                    temperature=float(pc.temperature)),
-      mesh, gen_rules, in_shardings=(jax.tree.map(lambda x: x.sharding, gen_params), gen_batch_sh,
-                                     gen_batch_sh, setup.replicated),
-      out_shardings=gen_sh, donate_argnums=())
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.replicated)
-  t0 = time.perf_counter()
-  lowered = sample.lower(gen_params, prompts, pmask, rng)
+  ``ppo.batch_size`` prompts on the generation layout, ``stage.sampling_plan``); the frozen
+  reference policy and two reward models (the policy's shape) stay resident and are added to
+  the total, and so is the train state ``state`` unless ``ppo.offload_state`` parks it in host
+  memory."""
+  pc = config.ppo
   frozen = 3 * shard_bytes(setup.policy.abstract_params)
-  return StepPlan("sampling.sample (rollouts, generation layout)", lowered, 1,
-                  {"prompt_tokens": (b, p), "prompt_mask": (b, p)}, gen_params, None,
-                  extra={"resident_train_state": shard_bytes(state),
-                         "resident_frozen_models": frozen}, lower_s=time.perf_counter() - t0)
+  extra, name = {"resident_frozen_models": frozen}, "sampling.sample (rollouts, generation layout"
+  if pc.get("offload_state", False):
+    name += f"; train state, {shard_bytes(state) / 2**30:.2f} GiB, parked in pinned_host"
+  else:
+    extra["resident_train_state"] = shard_bytes(state)
+  rows = int(pc.get("generation_batch_size", 0)) or int(pc.batch_size)
+  return sampling_plan(name + ")", setup.cfg, setup.mesh, rows,
+                       int(pc.max_prompt_len), int(pc.max_new_tokens), float(pc.temperature),
+                       extra=extra)
 
 
 # ---- data ------------------------------------------------------------------------------------------

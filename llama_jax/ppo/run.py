@@ -91,20 +91,34 @@ class Iteration:
     self.put = build.put_batch_fn(setup.mesh, setup.rules)
 
   def _sample(self, state, batch, key):
+    """(rollouts, state): the policy copied to the generation layout, the train state parked in
+    host memory meanwhile with ``ppo.offload_state`` (and brought back)."""
     cfg, mesh = self.setup.cfg, self.setup.mesh
     gen_params = sharding.to_generation_layout(state.policy.params, cfg, mesh)
+    if self.c.offload_state:
+      state = sharding.move_to_memory(state, "pinned_host")
+    b = batch["prompt_tokens"].shape[0]
+    chunk = int(self.c.get("generation_batch_size", 0)) or b
+    parts = []
     with sharding.activate(mesh, sharding.GENERATION_RULES):
-      gen = sampling.sample(gen_params, batch["prompt_tokens"], batch["prompt_mask"], key,
-                            cfg=cfg, max_new_tokens=self.c.max_new_tokens,
-                            temperature=float(self.c.temperature), eos_id=self.tok.eos_id,
-                            pad_id=self.tok.pad_id)
-      return jax.block_until_ready(gen)
+      for i, start in enumerate(range(0, b, chunk)):  # one chunk of rows at a time (KV cache)
+        rows = slice(start, start + chunk)
+        parts.append(jax.block_until_ready(sampling.sample(
+            gen_params, batch["prompt_tokens"][rows], batch["prompt_mask"][rows],
+            key if chunk == b else jax.random.fold_in(key, i), cfg=cfg,
+            max_new_tokens=self.c.max_new_tokens, temperature=float(self.c.temperature),
+            eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)))
+    gen = parts[0] if len(parts) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+    del gen_params
+    if self.c.offload_state:
+      state = sharding.move_to_memory(state, "device")
+    return gen, state
 
   def __call__(self, state, batch, key):
     rows, idx = batch
     batch = self.put(rows)
     t0 = time.perf_counter()
-    gen = self._sample(state, batch, jax.random.fold_in(key, 0))
+    gen, state = self._sample(state, batch, jax.random.fold_in(key, 0))
     t1 = time.perf_counter()
     with sharding.activate(self.setup.mesh, self.setup.rules):
       rc, rstats = rollout.rollout_rc(self.setup, self.scorer, self.rms, batch, gen,
@@ -270,7 +284,8 @@ class PPOStage(stage_lib.TrainingStage):
     t0 = time.perf_counter()
     lowered = setup.minibatch_step.lower(state, mb, rng)
     train = stage_lib.StepPlan(
-        "ppo.ppo_train_step (one minibatch)", lowered, 1, {k: v.shape for k, v in mb.items()},
+        "ppo.ppo_train_step (one minibatch)", lowered, setup.ppo_cfg.grad_accum_steps,
+        {k: v.shape for k, v in mb.items()},
         state.policy.params, state.policy.opt_state, lower_s=time.perf_counter() - t0,
         detail={"value model state": stage_lib.shard_bytes(state.value)})
     return [train, rollout.plan_rollouts(config, setup, state)]

@@ -45,12 +45,16 @@ import optax
 from llama_jax import rl
 from llama_jax.config import LlamaConfig
 from llama_jax.losses import masked_mean, token_entropy, token_logprobs
-from llama_jax.model import forward
+from llama_jax.model import forward, lm_head
 from llama_jax.reward import step as reward
 from llama_jax.sampling import GenerateOutput
-from llama_jax.train.state import TrainState, apply_gradients, init_train_state
+from llama_jax.train.state import (TrainState, accumulate_sums, apply_gradients,
+                                   init_train_state)
 
 Batch = Dict[str, jax.Array]
+
+
+OLD_LOGPROBS = ("sampler", "recompute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,12 @@ class PPOConfig:
     whiten_advantages: whiten advantages over the batch's response tokens (TRL, Huang et al.).
     minibatch_size: rollouts per gradient step (64 of 512, Llama 2).
     epochs: passes over the batch per PPO iteration (1: one gradient step per minibatch).
+    old_logprobs: where the rollout-time log-probs come from: "sampler" (the ones the sampler
+      computed while decoding, ``GenerateOutput.logprobs``: no extra forward pass; valid when
+      it samples the policy's own params in the same dtype, as ``ppo.run`` does) or "recompute"
+      (a teacher-forced forward pass, for a sampler that runs another copy, e.g. in bf16).
+    grad_accum_steps: microbatches per minibatch gradient step (``config.train.grad_accum_steps``):
+      the same gradient, with one microbatch's activations live at a time.
   Raises:
     ValueError: on an out-of-range field (named).
   """
@@ -86,6 +96,8 @@ class PPOConfig:
   whiten_advantages: bool = True
   minibatch_size: int = 64
   epochs: int = 1
+  old_logprobs: str = "sampler"
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
     if self.beta < 0:
@@ -103,8 +115,14 @@ class PPOConfig:
       raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
     if not 0 < self.safety_threshold < 1:
       raise ValueError(f"PPOConfig.safety_threshold must be in (0, 1), got {self.safety_threshold}")
-    if self.minibatch_size < 1 or self.epochs < 1:
-      raise ValueError("PPOConfig.minibatch_size and epochs must be >= 1")
+    if self.minibatch_size < 1 or self.epochs < 1 or self.grad_accum_steps < 1:
+      raise ValueError("PPOConfig.minibatch_size, epochs and grad_accum_steps must be >= 1")
+    if self.minibatch_size % self.grad_accum_steps:
+      raise ValueError(f"PPOConfig.minibatch_size={self.minibatch_size} is not divisible by "
+                       f"grad_accum_steps={self.grad_accum_steps}")
+    if self.old_logprobs not in OLD_LOGPROBS:
+      raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, "
+                       f"got {self.old_logprobs!r}")
 
 
 class PPOState(flax.struct.PyTreeNode):
@@ -162,9 +180,11 @@ def response_logprobs(params, tokens: jax.Array, positions: jax.Array, segment_i
     cfg: the model config. temperature: T > 0 (the sampling temperature).
   Returns:
     (logprobs [b, m] float32, entropy [b, m] float32 of the tempered distribution, nats).
+    Logits exist for the m response positions only ([b, m, v], not [b, s, v]).
   """
-  logits = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
-  logits = _response_slice(logits, response_tokens.shape[1]) / temperature
+  hidden = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                   return_hidden=True)
+  logits = lm_head(params, _response_slice(hidden, response_tokens.shape[1]), cfg) / temperature
   return token_logprobs(logits, response_tokens), token_entropy(logits)
 
 
@@ -210,7 +230,8 @@ def make_experience(policy_params, ref_params, value_params, batch: Batch, gen: 
                     value_cfg: Optional[LlamaConfig] = None) -> Tuple[Batch, Dict[str, jax.Array]]:
   """Everything PPO trains on, from a rollout and its rewards (pure; jit it).
 
-  Old log-probs are recomputed teacher-forced (equal to the sampler's up to float error). The
+  Old log-probs are the sampler's (``ppo_cfg.old_logprobs="sampler"``; the teacher-forced
+  recomputation of ``"recompute"`` equals them up to float error: ``test_ppo.py``). The
   scalar reward is ``R~c = whiten(logit(Rc))`` (Llama 2 Sec. 3.2.3), whitened over the rows that
   ended with EOS when the EOS trick is on; rows without EOS then get ``eos_penalty`` instead
   (Huang et al. 2024), so truncated answers neither get an RM score nor shift the statistics of
@@ -236,7 +257,10 @@ def make_experience(policy_params, ref_params, value_params, batch: Batch, gen: 
   tokens, pos, seg = ro["tokens"], ro["positions"], ro["segment_ids"]
   resp, rmask = ro["response_tokens"], ro["response_mask"]
   m = resp.shape[1]
-  old_logp, _ = response_logprobs(policy_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
+  if ppo_cfg.old_logprobs == "sampler":
+    old_logp = jnp.asarray(gen.logprobs, jnp.float32)
+  else:
+    old_logp, _ = response_logprobs(policy_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
   ref_logp, _ = response_logprobs(ref_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
   values = response_values(value_params, tokens, pos, seg, m, cfg=value_cfg)
 
@@ -302,33 +326,42 @@ def ppo_train_step(state: PPOState, minibatch: Batch, rng: Optional[jax.Array] =
   """
   del rng
   value_cfg = value_cfg or cfg
-  mb = minibatch
-  mask = mb["response_mask"]
-  m = mask.shape[1]
+  m = minibatch["response_mask"].shape[1]
+  rows = minibatch["response_mask"].shape[0]
 
-  def policy_fn(params):
+  def policy_terms(params, mb):
+    mask = mb["response_mask"]
+    n = jnp.sum(mask).astype(jnp.float32)
     logp, ent = response_logprobs(params, mb["tokens"], mb["positions"], mb["segment_ids"],
                                   mb["response_tokens"], cfg=cfg, temperature=ppo_cfg.temperature)
     loss, metrics = rl.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask,
                                    ppo_cfg.clip_eps)
-    metrics["entropy"] = masked_mean(ent, mask)
-    metrics["kl_policy"] = jnp.mean(jnp.sum(jnp.where(mask, logp - mb["ref_logprobs"], 0.0),
-                                            axis=1))
-    return loss, metrics
+    sums = {k: v * n for k, v in metrics.items()}
+    sums["entropy"] = masked_mean(ent, mask) * n
+    sums["kl_policy"] = jnp.sum(jnp.where(mask, logp - mb["ref_logprobs"], 0.0))
+    return loss * n, dict(sums, count=n)
 
-  def value_fn(params):
+  def value_terms(params, mb):
+    mask = mb["response_mask"]
+    n = jnp.sum(mask).astype(jnp.float32)
     v = response_values(params, mb["tokens"], mb["positions"], mb["segment_ids"], m,
                         cfg=value_cfg)
     loss, metrics = rl.value_loss(v, mb["old_values"], mb["returns"], mask, ppo_cfg.value_clip)
-    metrics["value"] = masked_mean(v, mask)
-    return loss, metrics
+    return loss * n, {"vf_clipfrac": metrics["vf_clipfrac"] * n, "value": masked_mean(v, mask) * n}
 
-  (p_loss, p_metrics), p_grads = jax.value_and_grad(policy_fn, has_aux=True)(state.policy.params)
-  (v_loss, v_metrics), v_grads = jax.value_and_grad(value_fn, has_aux=True)(state.value.params)
-  count = (jnp.sum(mask) > 0).astype(jnp.float32)  # losses are already means; 0 -> skip update
+  # Token sums over microbatches, divided once by the minibatch's token count: the gradient and
+  # the metrics of the whole minibatch's masked means, however it is split.
+  accum = ppo_cfg.grad_accum_steps
+  p_sum, p_sums, p_grads = accumulate_sums(policy_terms, state.policy.params, minibatch, accum)
+  v_sum, v_sums, v_grads = accumulate_sums(value_terms, state.value.params, minibatch, accum)
+  count = p_sums.pop("count")
+  per_token = lambda x: x / jnp.maximum(count, 1.0)
   policy, p_info = apply_gradients(state.policy, p_grads, count, policy_opt)
   value, v_info = apply_gradients(state.value, v_grads, count, value_opt)
-  metrics = {"policy_loss": p_loss, "value_loss": v_loss, **p_metrics, **v_metrics,
+  metrics = {"policy_loss": per_token(p_sum), "value_loss": per_token(v_sum),
+             **{k: per_token(x) for k, x in p_sums.items() if k != "kl_policy"},
+             "kl_policy": p_sums["kl_policy"] / rows,
+             **{k: per_token(x) for k, x in v_sums.items()},
              "policy_grad_norm": p_info["grad_norm"], "value_grad_norm": v_info["grad_norm"],
              "skipped": p_info["skipped"],
              "nonfinite": jnp.maximum(p_info["nonfinite"], v_info["nonfinite"])}

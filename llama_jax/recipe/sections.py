@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from llama_jax.ppo.step import PPOConfig
+from llama_jax.ppo.step import OLD_LOGPROBS, PPOConfig
 from llama_jax.reward.step import MARGINS
 from llama_jax.rl import KL_ESTIMATORS
 from llama_jax.train.fields import _f
@@ -220,6 +220,17 @@ class PPO:
                          lo=0.0, lo_ok=False)
   gamma: float = _f(PPOConfig.gamma, "GAE discount.", lo=0.0, hi=1.0)
   lam: float = _f(PPOConfig.lam, "GAE lambda.", lo=0.0, hi=1.0)
+  generation_batch_size: int = _f(0, "Rollouts generated at a time (0 = the whole batch): "
+                                   "smaller chunks hold a smaller KV cache; chunk i samples "
+                                   "with fold_in(key, i). Divides batch_size; a multiple of "
+                                   "data x fsdp.", lo=0)
+  offload_state: bool = _f(False, "During rollouts park the train state (policy and value "
+                           "params and their AdamW state) in host memory (jax memory kind "
+                           "pinned_host) and bring it back for scoring and the update: its "
+                           "device memory goes to generation (70B: 24 GiB per device).")
+  old_logprobs: str = _f(PPOConfig.old_logprobs, '"sampler" (the log-probs the sampler computed '
+                         'while decoding: no extra forward pass) | "recompute" (teacher-forced).',
+                         choices=OLD_LOGPROBS)
   temperature: float = _f(PPOConfig.temperature, "Rollout sampling temperature (also divides "
                           "the logits of every log-prob).", lo=0.0, lo_ok=False)
   max_new_tokens: int = _f(64, "Token budget of a rollout.", lo=1)

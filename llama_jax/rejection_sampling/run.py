@@ -205,7 +205,7 @@ class _Iteration:
     """The sampling policy (params on the generation layout), built on first use."""
     if self._policy is None:
       self._policy = rs_lib.Policy(
-          self.scfg, sharding.to_generation_layout(self.sparams, self.scfg, self.mesh))
+          self.scfg, sharding.to_generation_layout(self.sparams, self.scfg, self.mesh), self.mesh)
     return self._policy
 
   def release(self) -> None:
@@ -358,10 +358,19 @@ class RejectionSamplingStage(stage_lib.Stage):
     return out
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
-    """The fine-tuning step (the SFT stage's)."""
-    return self.finetune.abstract_steps(config, mesh)
+    """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of
+    ``rejection_sampling.batch_size`` prompts x K rows on the generation layout (the sampled
+    model: ``init_from``'s, or the config's model for ``sample_from``'s shape)."""
+    rc = config.rejection_sampling
+    cfg = build.planning_model_config(config)
+    rows = int(rc.batch_size) * int(rc.k)
+    sample = stage_lib.sampling_plan(
+        f"sampling.sample (rejection-sampling pass: {rc.batch_size} prompts x K={rc.k}, "
+        "generation layout)", cfg, mesh, rows, int(rc.max_prompt_len), int(rc.max_new_tokens),
+        float(rc.temperature))
+    return self.finetune.abstract_steps(config, mesh) + [sample]
 
   def unavailable(self, config) -> List[str]:
     del config
-    return ["the rejection-sampling pass (K samples per prompt, scoring) has no plan of its own "
-            "yet; its fine-tuning is the SFT step planned above"]
+    return ["the reward models' scoring of the samples (a forward pass per batch, no optimizer "
+            "state) is not planned"]

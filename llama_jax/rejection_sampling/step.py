@@ -24,6 +24,7 @@ A sampled-set record (one JSON object per line in a JSONL file)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import jax
 from matplotlib.figure import Figure
 import numpy as np
 
-from llama_jax import sampling
+from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources
 
@@ -393,10 +394,14 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
 
 
 class Policy(NamedTuple):
-  """A policy to sample: its model config and params (e.g. on the generation layout)."""
+  """A policy to sample: its model config and params (e.g. on the generation layout) and, for
+  params on a mesh, that mesh: sampling then runs under ``sharding.GENERATION_RULES`` (rows
+  split over data x fsdp, as ``--dry_run`` plans it) instead of every device holding every
+  row's KV cache."""
 
   cfg: LlamaConfig
   params: Any
+  mesh: Any = None
 
 
 class SamplingStopped(Exception):
@@ -428,8 +433,10 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
       t, f = done["texts"], done["finished"]
     else:
       chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
-      t, f = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
-                      temperature, rc.max_new_tokens, top_p=rc.top_p)
+      with (sharding.activate(policy.mesh, sharding.GENERATION_RULES) if policy.mesh is not None
+            else contextlib.nullcontext()):
+        t, f = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
+                        temperature, rc.max_new_tokens, top_p=rc.top_p)
       if path and jax.process_index() == 0:
         os.makedirs(batch_dir, exist_ok=True)
         with open(path + ".tmp", "w") as fh:

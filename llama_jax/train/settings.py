@@ -34,7 +34,8 @@ class Train:
   stop_after_steps: int = _f(0, "Stop after this many steps in one invocation (0 = run to the "
                              "end); the next invocation resumes bitwise identically.", lo=0)
   grad_accum_steps: int = _f(1, "Microbatches per step (the batch size must be divisible by "
-                             "it).", lo=1)
+                             "it); PPO: per minibatch (ppo.minibatch_size / it rows at a time).",
+                             lo=1)
   log_every: int = _f(10, "Log train metrics (averaged) every N steps.", lo=1)
   eval_every: int = _f(0, "Held-out evaluation every N steps (0 = only at the end).", lo=0)
   checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0 = only at the end and on "

@@ -31,7 +31,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.train import settings
 from llama_jax.train import workdir as wd
@@ -124,6 +126,37 @@ class StepPlan:
   detail: Dict[str, int] = dataclasses.field(default_factory=dict)
   extra: Dict[str, int] = dataclasses.field(default_factory=dict)
   lower_s: float = 0.0
+
+
+def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
+                  max_new_tokens: int, temperature: float,
+                  extra: Optional[Dict[str, int]] = None) -> "StepPlan":
+  """:class:`StepPlan` of ``sampling.sample`` of ``rows`` prompts of ``prompt_len`` tokens on
+  the generation layout (``sharding.GENERATION_RULES``: weights tensor-parallel in the compute
+  dtype, as ``sharding.to_generation_layout`` copies them; rows split over data x fsdp).
+  ``extra``: bytes live meanwhile (e.g. a resident train state), added to the total."""
+  gen_rules = sharding.GENERATION_RULES
+  gen_params = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype, sharding=sh),
+      sharding.param_shapes(cfg), sharding.param_shardings(cfg, mesh, gen_rules))
+  batch_sh = sharding.batch_sharding(mesh, gen_rules)
+  prompts = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch_sh)
+  pmask = jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=batch_sh)
+  replicated = NamedSharding(mesh, P())
+  sample = sharding.jit_step(
+      lambda params, tok, msk, key: sampling.sample(params, tok, msk, key, cfg=cfg,
+                                                    max_new_tokens=max_new_tokens,
+                                                    temperature=temperature),
+      mesh, gen_rules, in_shardings=(jax.tree.map(lambda x: x.sharding, gen_params), batch_sh,
+                                     batch_sh, replicated),
+      out_shardings=jax.tree.map(lambda _: batch_sh, sampling.GenerateOutput(0, 0, 0, 0)),
+      donate_argnums=())
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  t0 = time.perf_counter()
+  lowered = sample.lower(gen_params, prompts, pmask, rng)
+  return StepPlan(name, lowered, 1, {"prompt_tokens": (rows, prompt_len),
+                                     "prompt_mask": (rows, prompt_len)},
+                  gen_params, None, extra=dict(extra or {}), lower_s=time.perf_counter() - t0)
 
 
 def shard_bytes(tree: Any) -> int:

@@ -68,20 +68,30 @@ def accumulate_gradients(loss_terms, params, batch: Batch, accum_steps: int):
   Returns (loss_sum, count, grad_of_loss_sum); the caller divides by the total count once, so
   every supervised token has the same weight however the batch was split.
   """
+  total, count, grads = accumulate_sums(loss_terms, params, batch, accum_steps)
+  return total, count, grads
+
+
+def accumulate_sums(loss_terms, params, batch: Batch, accum_steps: int):
+  """:func:`accumulate_gradients` with any pytree of sums as ``loss_terms``' aux
+  (``(loss_sum, aux_sums)``): returns ``(loss_sum, aux_sums, grad_of_loss_sum)``, each summed
+  over the ``accum_steps`` microbatches (:func:`split_microbatches`; one pass, no scan, for 1).
+  Only one microbatch's activations are live at a time."""
   grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
   if accum_steps == 1:
-    (total, count), grads = grad_fn(params, batch)
-    return total, count, grads
+    (total, aux), grads = grad_fn(params, batch)
+    return total, aux, grads
 
   def body(carry, micro):
-    total, count, grads = carry
-    (t, c), g = grad_fn(params, micro)
-    return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+    (t, a), g = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (t, a, g)), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-  (total, count, grads), _ = jax.lax.scan(body, init, split_microbatches(batch, accum_steps))
-  return total, count, grads
+  micro = split_microbatches(batch, accum_steps)
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+  (t0, a0), g0 = shapes
+  init = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (t0, a0, g0))
+  (total, aux, grads), _ = jax.lax.scan(body, init, micro)
+  return total, aux, grads
 
 
 def apply_gradients(state: TrainState, grads, count, optimizer: optax.GradientTransformation):

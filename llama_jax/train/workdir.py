@@ -100,7 +100,7 @@ HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.keep_checkpoints", "train.async_checkpoint", "train.checkpoint_checksums",
             "train.stop_after_steps",
             "train.max_nonfinite_steps", "train.allow_config_change", "train.stop_grace_s",
-            "mesh.device_memory_gib",
+            "mesh.device_memory_gib", "ppo.offload_state",
             "eval.")
 LOCK = ".lock"
 
