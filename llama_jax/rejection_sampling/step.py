@@ -396,8 +396,8 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
 class Policy(NamedTuple):
   """A policy to sample: its model config and params (e.g. on the generation layout) and, for
   params on a mesh, that mesh: sampling then runs under ``sharding.GENERATION_RULES`` (rows
-  split over data x fsdp, as ``--dry_run`` plans it) instead of every device holding every
-  row's KV cache."""
+  split over data x fsdp, as ``--dry_run`` plans it); without it the batch's placement is left
+  to XLA."""
 
   cfg: LlamaConfig
   params: Any
