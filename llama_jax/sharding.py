@@ -24,7 +24,7 @@ weight at every decode step (~20x slower at 70B); ``to_generation_layout`` copie
 to tensor-parallel-within-node (``GENERATION_RULES``). ``initialize_distributed`` (multi-process
 startup, ``llama_jax.distributed``) is re-exported here.
 
-Meshes use ``AxisType.Auto`` (GSPMD/Shardy propagation), not ``jax.make_mesh``'s ``Explicit``.
+Meshes use AxisType.Auto (GSPMD/Shardy propagation), not jax.make_mesh's Explicit.
 """
 
 from __future__ import annotations

@@ -46,12 +46,3 @@ def hh_rlhf_path():
 def self_instruct_path():
   return shared_file("self-instruct/seed_tasks.jsonl")
 
-
-# The slowest files (minutes each) run first: pytest-xdist's --dist loadfile hands out files in
-# collection order, so they start at once instead of leaving one worker busy at the end.
-_SLOWEST_FIRST = ("test_sigkill_ppo.py", "test_sigkill_sft.py", "test_pipeline.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  items.sort(key=lambda item: item.path.name not in _SLOWEST_FIRST)  # stable: order kept otherwise

@@ -13,16 +13,16 @@ from llama_jax import convert
 from llama_jax.ppo import rollout
 from llama_jax.ppo import run as ppo_run
 from llama_jax.train import build
-from train_helpers import ppo_workdir, tiny_ppo_config, tiny_ppo_models
+from train_helpers import rl_workdir, tiny_ppo_config, tiny_rl_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  return tiny_ppo_models(tmp_path_factory.mktemp("ppo_models"))
+  return tiny_rl_models(tmp_path_factory.mktemp("ppo_models"))
 
 
 make_config = tiny_ppo_config
-_workdir = ppo_workdir
+_workdir = rl_workdir
 
 
 def _lines(work, split):

@@ -4,44 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 
-import jax
 import numpy as np
 import pytest
 
 from configs import tiny
-from llama_jax import convert
-from llama_jax.config import LlamaConfig
-from llama_jax.data import world, world_tokenizer
-from llama_jax.model import init_params
+from llama_jax.data import world
 from llama_jax.recipe import stages
 from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import step as reward
 from llama_jax.tokenizer import Tokenizer
+from train_helpers import rl_workdir, tiny_rl_models
 
 VOCAB = 320
-CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16,
-                  max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  """A world tokenizer, a random policy that ends about half of its 8-token samples with EOS, and
-  two random reward models on disk."""
-  root = tmp_path_factory.mktemp("rs_models")
-  world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
-                                  vocab_size=VOCAB)
-  params = jax.tree.map(np.array, init_params(CFG, jax.random.key(0)))  # writable copies
-  params["tok_embeddings"][:, 0] = 10.0  # a large, positive residual dim 0 ...
-  params["output"][0, :] = 0.0
-  params["output"][0, 2] = 0.75  # ... that lifts the EOS logit: some samples end, some do not
-  convert.save_orbax(root / "policy", CFG, params)
-  for i, name in enumerate(("help", "safe")):
-    rm = reward.init_reward_params(init_params(CFG, jax.random.key(10 + i)), jax.random.key(20 + i))
-    reward.save_reward_model(str(root / name), CFG, rm)
-  return root
+  return tiny_rl_models(tmp_path_factory.mktemp("rs_models"))
 
 
 def make_config(models, **rs):
@@ -64,12 +45,7 @@ def make_config(models, **rs):
   return c
 
 
-def _workdir(models, tmp_path, name):
-  work = tmp_path / name
-  work.mkdir()
-  for f in ("tokenizer.model", "tokenizer.model.json"):
-    shutil.copy(models / "tok" / f, work / f)
-  return work
+_workdir = rl_workdir
 
 
 def _records(path):

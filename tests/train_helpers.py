@@ -87,9 +87,9 @@ PPO_MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=
                         multiple_of=16, max_seq_len=128)
 
 
-def tiny_ppo_models(root):
+def tiny_rl_models(root):
   """A world tokenizer, a random policy that ends some of its 8-token samples with EOS, and two
-  random reward models on disk."""
+  random reward models on disk (rejection sampling and PPO tests)."""
   world_tokenizer.train_tokenizer(root / "tok" / "tokenizer.model", world.WorldConfig(),
                                   vocab_size=PPO_VOCAB)
   policy = jax.tree.map(np.array, init_params(PPO_MODEL, jax.random.key(0)))  # writable copies
@@ -104,7 +104,7 @@ def tiny_ppo_models(root):
 
 
 def tiny_ppo_config(models, **ppo):
-  """A seconds-per-iteration PPO config over ``tiny_ppo_models(models)``: 2 iterations of 8
+  """A seconds-per-iteration PPO config over ``tiny_rl_models(models)``: 2 iterations of 8
   rollouts x 8 tokens; ``ppo`` overrides ``config.ppo`` fields."""
   c = tiny.get_config()
   c.stage = "ppo"
@@ -124,7 +124,7 @@ def tiny_ppo_config(models, **ppo):
   return c
 
 
-def ppo_workdir(models, tmp_path, name):
+def rl_workdir(models, tmp_path, name):
   """``tmp_path/name`` holding the models' world tokenizer (so a PPO run does not retrain it)."""
   work = tmp_path / name
   work.mkdir()

@@ -93,6 +93,7 @@ class Checkpointer:
                     "(the last complete checkpoint is kept)")
 
   def step_dir(self, step: int) -> str:
+    """The directory of checkpoint ``step`` (orbax's default step naming)."""
     return os.path.join(self.directory, str(step))
 
   def _list_finished(self):

@@ -68,8 +68,7 @@ def accumulate_gradients(loss_terms, params, batch: Batch, accum_steps: int):
   Returns (loss_sum, count, grad_of_loss_sum); the caller divides by the total count once, so
   every supervised token has the same weight however the batch was split.
   """
-  total, count, grads = accumulate_sums(loss_terms, params, batch, accum_steps)
-  return total, count, grads
+  return accumulate_sums(loss_terms, params, batch, accum_steps)
 
 
 def accumulate_sums(loss_terms, params, batch: Batch, accum_steps: int):
