@@ -2,7 +2,8 @@
 
 Flags: ``--config`` (an ml_collections config file; override fields with ``--config.x.y=v``),
 ``--workdir`` (checkpoints, logs, samples), ``--dry_run`` (compile the step for the configured
-mesh and print the per-device memory plan instead of training), ``--coordinator_address``,
+mesh and print the per-device memory plan instead of training; ``--plan_json=FILE`` also writes
+it as JSON), ``--coordinator_address``,
 ``--num_processes``, ``--process_id`` (multi-host; SLURM is detected without them),
 ``--jax_cache_dir`` (JAX's persistent compilation cache, default ``~/.cache/llama_jax/jax``),
 ``--traceback`` (show the full traceback of a configuration, data or NaN error instead of one
@@ -24,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Stage co
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs, samples.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan of the step and exit.")
+_PLAN_JSON = flags.DEFINE_string("plan_json", "", "With --dry_run: also write the plan (every "
+                                 "program's per-device bytes) as JSON to this file.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -53,7 +56,11 @@ def main(argv):
   try:
     if _DRY_RUN.value:
       from llama_jax.recipe import dry_run  # pylint: disable=import-outside-toplevel
-      print(dry_run.report(_load_config()))
+      plan = dry_run.plan(_load_config())
+      print(dry_run.format_plan(plan))
+      if _PLAN_JSON.value:
+        with open(_PLAN_JSON.value, "w", encoding="utf-8") as f:
+          json.dump(plan, f, indent=1)
       return
     result = stages.run(_load_config(), _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as err:  # the message says what

@@ -76,4 +76,7 @@ def get_config():
   c.train.grad_accum_steps = 8
   c.ppo.offload_state = True
   c.ppo.generation_batch_size = 128
+  # The scoring pass (reward models, reference, value) 128 rollouts per forward pass: all 512
+  # at once plan 76 GiB per device at 7B (scoring_pass temporaries of 64 rows x 2048 tokens).
+  c.ppo.forward_batch_size = 128
   return c

@@ -131,11 +131,12 @@ def _prefill(params, prompt_tokens, prompt_mask, cfg: LlamaConfig, max_new_token
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p",
-                                             "top_k", "eos_id", "pad_id", "prefill_chunk"))
+                                             "top_k", "eos_id", "pad_id", "prefill_chunk",
+                                             "num_samples"))
 def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
            cfg: LlamaConfig, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, eos_id: int = 2, pad_id: int = 0,
-           prefill_chunk: int = PREFILL_CHUNK) -> GenerateOutput:
+           prefill_chunk: int = PREFILL_CHUNK, num_samples: int = 1) -> GenerateOutput:
   """Jitted generation from left-padded prompts (the pure core of :func:`generate`).
 
   Args:
@@ -146,13 +147,20 @@ def sample(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key
     cfg, max_new_tokens, temperature, top_p, top_k, eos_id, pad_id: static settings.
     prefill_chunk: prompts longer than this are prefilled in chunks of it (memory; see
       :func:`_prefill`).
+    num_samples: K completions per prompt (rejection sampling's K). Each prompt is prefilled
+      once and its cache copied K times, instead of K prefills of the repeated prompt (HF
+      ``generate(num_return_sequences=K)``); the samples are those of the repeated prompts.
   Returns:
-    GenerateOutput with [b, m] arrays (m = max_new_tokens). Stops early once all rows finished.
+    GenerateOutput with [b * K, m] arrays (m = max_new_tokens; row ``i * K + j`` is sample j of
+    prompt i). Stops early once all rows finished.
   """
-  b = prompt_tokens.shape[0]
   # The loop reads each layer's weights and cache as its own buffer (sliced once, in _prefill).
   logits, params, cache = _prefill(params, prompt_tokens, prompt_mask, cfg, max_new_tokens,
                                    prefill_chunk)
+  if num_samples > 1:
+    logits, cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x,
+                                 (logits, cache))
+  b = logits.shape[0]
   state = _LoopState(
       step=jnp.zeros((), jnp.int32), logits=logits, cache=cache,
       tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -202,7 +210,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: Optional
 def generate(params: Params, cfg: LlamaConfig,
              prompts: Union[Sequence[Sequence[int]], tuple], key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             eos_id: int = 2, pad_id: int = 0, pad_to_multiple: int = 1) -> GenerateOutput:
+             eos_id: int = 2, pad_id: int = 0, pad_to_multiple: int = 1,
+             num_samples: int = 1) -> GenerateOutput:
   """Generate continuations for a batch of prompts with a KV cache.
 
   Args:
@@ -215,8 +224,10 @@ def generate(params: Params, cfg: LlamaConfig,
     temperature: 0 for greedy decoding; top_p, top_k: nucleus / top-k filtering.
     eos_id: a row stops after emitting it. pad_id: filler after a row's end.
     pad_to_multiple: round the padded prompt length up to a multiple of this (fewer recompiles).
+    num_samples: K completions per prompt, each prompt prefilled once (:func:`sample`).
   Returns:
-    GenerateOutput (tokens, logprobs, lengths, finished), see its docstring.
+    GenerateOutput (tokens, logprobs, lengths, finished), see its docstring; [b * K, ...] rows,
+    row ``i * K + j`` sample j of prompt i.
   Raises:
     ValueError: on empty prompts, bad sampling settings, or if prompt + new tokens exceed
       ``cfg.max_seq_len``.
@@ -227,6 +238,8 @@ def generate(params: Params, cfg: LlamaConfig,
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   if top_k < 0 or top_k > cfg.vocab_size:
     raise ValueError(f"top_k must be in [0, vocab_size={cfg.vocab_size}], got {top_k}")
   if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
@@ -242,4 +255,4 @@ def generate(params: Params, cfg: LlamaConfig,
                      f"max_seq_len {cfg.max_seq_len}")
   return sample(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                top_k=int(top_k), eos_id=eos_id, pad_id=pad_id)
+                top_k=int(top_k), eos_id=eos_id, pad_id=pad_id, num_samples=int(num_samples))

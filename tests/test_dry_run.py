@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -64,12 +66,13 @@ def _run_dry(n_devices: int, *args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def plans():
-  """stdout of the tiny (8 devices, an impossible 1 MiB memory limit), the SFT 70B and the PPO
-  70B (64 devices) dry runs, run in parallel."""
+def plans(tmp_path_factory):
+  """stdout of the tiny (8 devices, an impossible 1 MiB memory limit; its plan also as JSON in
+  ``plans["tiny_json"]``), the SFT 70B and the PPO 70B (64 devices) dry runs, run in parallel."""
+  tiny_json = tmp_path_factory.mktemp("plan") / "tiny.json"
   procs = {
       "tiny": _run_dry(8, "--config=configs/tiny.py", "--config.stage=sft",
-                       "--config.mesh.device_memory_gib=0.001"),
+                       "--config.mesh.device_memory_gib=0.001", f"--plan_json={tiny_json}"),
       "70b": _run_dry(64, "--config=configs/sft_70b.py"),
       "ppo_70b": _run_dry(64, "--config=configs/ppo_70b.py"),
   }
@@ -79,6 +82,7 @@ def plans():
     if proc.returncode:
       pytest.fail(f"dry run {name} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     out[name] = stdout
+  out["tiny_json"] = json.loads(tiny_json.read_text())
   return out
 
 
@@ -107,6 +111,28 @@ def test_tiny_plan_on_8_devices(plans):
   assert re.search(r"verdict: does not fit in 0\.0 GiB per device: over by [\d.]+ GiB", text)
 
 
+def test_plan_json_and_the_generated_docs_table(plans, tmp_path):
+  """--plan_json writes the printed plan as JSON; benchmarks/memory_plans.py turns it into the
+  docs table's rows and replaces only the marked block of a file (nothing written without it)."""
+  p, text = plans["tiny_json"], plans["tiny"]
+  step = p["steps"][0]
+  assert step["per_device"]["params"] == _bytes(text, "parameters") and not step["fits"]
+  spec = importlib.util.spec_from_file_location("memory_plans", ROOT / "benchmarks/memory_plans.py")
+  mp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mp)
+  row, = mp.rows("tiny", p)
+  assert row.startswith("| tiny | 8 | (1, 8, 1) | sft.train_step |") and "**over by " in row
+  assert f"| {step['per_device']['params'] / 2**30:.2f} |" in row
+  doc = tmp_path / "doc.md"
+  doc.write_text(f"intro\n{mp.BEGIN}\nold table\n{mp.END}\noutro\n")
+  mp.write(str(doc), "NEW")
+  assert doc.read_text() == f"intro\n{mp.BEGIN}\nNEW\n{mp.END}\noutro\n"
+  doc.write_text("no markers\n")
+  with pytest.raises(ValueError, match="no <!-- memory_plans.py: begin -->"):
+    mp.write(str(doc), "NEW")
+  assert doc.read_text() == "no markers\n"
+
+
 def test_70b_plan_on_64_devices(plans):
   """configs/sft_70b.py: per-device params on its mesh equal 70B's f32 bytes / (fsdp x tensor)
   plus replicated norms, and the step fits 80 GiB."""
@@ -129,16 +155,19 @@ def test_70b_plan_on_64_devices(plans):
 
 
 def test_ppo_70b_plan_fits_every_program_with_10_gib_spare(plans):
-  """configs/ppo_70b.py (issue 16): the minibatch step (8 microbatches) and the rollouts (bf16
-  generation copy, chunked prefill, train state parked in pinned_host) each fit 80 GiB per
-  device with at least 10 GiB to spare."""
+  """configs/ppo_70b.py (issue 16): the minibatch step (8 microbatches), the rollouts (bf16
+  generation copy, chunked prefill, train state parked in pinned_host) and the scoring pass
+  (reward models; reference and value) each fit 80 GiB per device with at least 10 GiB to
+  spare."""
   text = plans["ppo_70b"]
   steps = re.findall(r"^step (.+?) \(grad_accum_steps", text, re.M)
   assert steps[0] == "ppo.ppo_train_step (one minibatch)" and steps[1].startswith(
       "sampling.sample (rollouts, generation layout; train state"), steps
+  assert steps[2].startswith("ppo.rollout_rewards") and steps[3].startswith(
+      "ppo.make_experience"), steps
   spare = [float(x) for x in re.findall(r"verdict: fits in 80\.0 GiB per device \(([\d.]+) GiB "
                                         r"to spare\)", text)]
-  assert len(spare) == len(steps) == 2 and min(spare) >= 10.0, text
+  assert len(spare) == len(steps) == 4 and min(spare) >= 10.0, text
   assert "grad_accum_steps 8" in text
 
 
@@ -184,7 +213,9 @@ def test_rejection_sampling_plans_its_finetune_and_reports_the_rest():
   sample = p["steps"][1]
   assert sample["name"].startswith("sampling.sample (rejection-sampling pass")
   rc = c.rejection_sampling
-  assert sample["batch_shapes"]["prompt_tokens"] == (rc.batch_size * rc.k, rc.max_prompt_len)
+  # Each prompt prefilled once, K completions from its cache (sampling.sample(num_samples=K)).
+  assert sample["batch_shapes"]["prompt_tokens"] == (rc.batch_size, rc.max_prompt_len)
+  assert sample["batch_shapes"]["tokens"] == (rc.batch_size * rc.k, rc.max_new_tokens)
   assert any("scoring" in u for u in p["unavailable"])
   assert "not yet available" in dry_run.format_plan(p)
 
@@ -206,18 +237,22 @@ def test_vocab_size_for():
   assert build.planning_vocab_size(c) == 1000
 
 
-def test_ppo_plan_has_train_step_and_rollouts():
+def test_ppo_plan_has_train_step_rollouts_and_scoring():
   """Stage ppo on one device: the PPO step carries the value model's state as an argument, and
   the rollout plan's params (generation layout, unsplit on one device) are the whole f32 model;
-  the resident train state and frozen models are added to its total."""
+  the resident train state and frozen models are added to its total. The scoring pass (reward
+  models; reference and value) counts every live model once: as an argument or as resident."""
   c = _config((1, 1, 1))
   c.stage = "ppo"
   c.ppo.batch_size, c.ppo.minibatch_size = 8, 8
   c.ppo.max_prompt_len, c.ppo.max_new_tokens = 16, 8
+  c.ppo.forward_batch_size = 4
   p = dry_run.plan(c)
-  assert [s["name"] for s in p["steps"]] == ["ppo.ppo_train_step (one minibatch)",
-                                             "sampling.sample (rollouts, generation layout)"]
-  train, gen = p["steps"]
+  assert [s["name"] for s in p["steps"]] == [
+      "ppo.ppo_train_step (one minibatch)", "sampling.sample (rollouts, generation layout)",
+      "ppo.rollout_rewards (both reward models over the rollouts)",
+      "ppo.make_experience (reference and value passes over the rollouts)"]
+  train, gen, rewards, experience = p["steps"]
   expected = _expected_param_bytes(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512,
                                    ffn=_ffn_hidden(128, 32), fsdp=1, tensor=1)
   assert train["per_device"]["params"] == expected == gen["per_device"]["params"]
@@ -230,6 +265,16 @@ def test_ppo_plan_has_train_step_and_rollouts():
   d = gen["per_device"]
   assert d["total"] >= d["arguments"] + d["temporaries"] + sum(gen["extra"].values())
   assert gen["extra"]["resident_frozen_models"] == 3 * expected
+  near = lambda x, y: y <= x < y + 1024  # + AdamW's scalar counters
+  assert rewards["per_device"]["params"] == value_params == rewards["detail"]["safety reward model"]
+  assert near(rewards["extra"]["resident_train_state"], 3 * expected + 3 * value_params)
+  assert rewards["extra"]["resident_reference"] == expected
+  assert experience["per_device"]["params"] == expected  # the reference (the policy is unused)
+  assert experience["detail"]["value params"] == value_params
+  assert near(experience["extra"]["resident_train_state_not_an_argument"],
+              3 * expected + 2 * value_params)
+  assert experience["extra"]["resident_reward_models"] == 2 * value_params
+  assert rewards["batch_shapes"]["response_tokens"] == (8, 8)
 
 
 @pytest.mark.parametrize("name,params_b", [("sft_7b", 6.74), ("sft_13b", 13.02),

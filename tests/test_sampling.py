@@ -188,3 +188,26 @@ def test_weights_in_the_compute_dtype_sample_exactly_as_f32_params(params):
                 max_new_tokens=6, eos_id=-1)
   np.testing.assert_array_equal(np.asarray(bf16.tokens), np.asarray(f32.tokens))
   np.testing.assert_array_equal(np.asarray(bf16.logprobs), np.asarray(f32.logprobs))
+
+
+def test_k_samples_per_prompt_prefill_once_and_equal_repeated_prompts(params):
+  """num_samples=K (rejection sampling): each prompt prefilled once, its cache copied K times;
+  row i * K + j is sample j of prompt i, the same tokens as the K-times repeated prompts (the
+  log-probs within float error: prefill over 3 rows instead of 12)."""
+  rng = np.random.RandomState(1)
+  prompts = [list(rng.randint(3, CFG.vocab_size, n)) for n in (5, 9, 3)]
+  k = 4
+  for chunk in (256, 4):  # one prefill pass, and prefill in chunks
+    kw = dict(max_new_tokens=8, temperature=1.0, eos_id=-1)
+    tokens, mask = left_pad([p for p in prompts for _ in range(k)])
+    rep = sample(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(3), cfg=CFG,
+                 prefill_chunk=chunk, **kw)
+    tokens, mask = left_pad(prompts)
+    once = sample(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(3), cfg=CFG,
+                  prefill_chunk=chunk, num_samples=k, **kw)
+    assert once.tokens.shape == (3 * k, 8)
+    np.testing.assert_array_equal(np.asarray(once.tokens), np.asarray(rep.tokens))
+    np.testing.assert_allclose(np.asarray(once.logprobs), np.asarray(rep.logprobs), atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(once.tokens)[:k].tolist()}) > 1  # K distinct draws
+  with pytest.raises(ValueError, match="num_samples"):
+    generate(params, CFG, prompts, jax.random.key(0), max_new_tokens=2, num_samples=0)

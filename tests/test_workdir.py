@@ -26,6 +26,18 @@ def test_config_changes_ignore_only_harmless_fields():
       "optimizer.lr: 0.001 -> 0.5", "stage: 'sft' -> 'reward'", "train.num_steps: 4 -> 8"]
 
 
+def test_a_field_added_later_at_its_old_behaviour_is_no_change():
+  """A run made before ppo.forward_batch_size existed resumes with it at 0 (one pass, what the
+  older code did), not with another value; a field absent from the new config still counts."""
+  old = _config().to_dict()
+  new = _config()
+  new.ppo = {"forward_batch_size": 0}
+  assert wd.config_changes(old, new.to_dict()) == []
+  new.ppo.forward_batch_size = 128
+  assert wd.config_changes(old, new.to_dict()) == ["ppo.forward_batch_size: '<absent>' -> 128"]
+  assert wd.config_changes(new.to_dict(), old) == ["ppo.forward_batch_size: 128 -> '<absent>'"]
+
+
 def test_check_resume_refuses_another_config_unless_allowed(tmp_path):
   wd.write_config(str(tmp_path), _config())
   changed = _config()

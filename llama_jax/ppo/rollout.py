@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Optional, Sequence
+import time
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +64,11 @@ def validate(config):
     raise ValueError(f"config.ppo.batch_size={c.batch_size} is not divisible by "
                      f"config.ppo.minibatch_size={c.minibatch_size}")
   build.per_process_batch(c.batch_size, "config.ppo.batch_size")
-  gb = int(c.get("generation_batch_size", 0))
-  if gb and c.batch_size % gb:
-    raise ValueError(f"config.ppo.generation_batch_size={gb} does not divide "
-                     f"config.ppo.batch_size={c.batch_size}")
+  for name in ("generation_batch_size", "forward_batch_size"):
+    rows = int(c.get(name, 0))
+    if rows and c.batch_size % rows:
+      raise ValueError(f"config.ppo.{name}={rows} does not divide "
+                       f"config.ppo.batch_size={c.batch_size}")
   if c.num_prompts < 0:
     raise ValueError(f"config.ppo.num_prompts must be >= 0, got {c.num_prompts}")
   if c.eval_every < 0 or c.patience < 0 or c.checkpoint_every < 0:
@@ -156,10 +158,11 @@ def check_plan(config, cfg: LlamaConfig, mesh) -> None:
     if pc[name] % shards:
       raise ValueError(f"config.ppo.{name}={pc[name]} is not divisible by the batch mesh axes "
                        f"data x fsdp = {shards}")
-  gb = int(pc.get("generation_batch_size", 0))
-  if gb and (pc.batch_size % gb or gb % shards):
-    raise ValueError(f"config.ppo.generation_batch_size={gb} must divide batch_size="
-                     f"{pc.batch_size} and be a multiple of data x fsdp = {shards}")
+  for name in ("generation_batch_size", "forward_batch_size"):
+    rows = int(pc.get(name, 0))
+    if rows and (pc.batch_size % rows or rows % shards):
+      raise ValueError(f"config.ppo.{name}={rows} must divide batch_size={pc.batch_size} and "
+                       f"be a multiple of data x fsdp = {shards}")
   accum = int(config.train.get("grad_accum_steps", 1))
   if pc.minibatch_size % (accum * shards):
     raise ValueError(f"config.ppo.minibatch_size={pc.minibatch_size} is not divisible by "
@@ -184,6 +187,50 @@ def plan_rollouts(config, setup: Setup, state) -> StepPlan:
   return sampling_plan(name + ")", setup.cfg, setup.mesh, rows,
                        int(pc.max_prompt_len), int(pc.max_new_tokens), float(pc.temperature),
                        extra=extra)
+
+
+def plan_scoring(config, setup: Setup, state) -> List[StepPlan]:
+  """:class:`~llama_jax.train.stage.StepPlan` s of the scoring pass over the whole rollout batch
+  (``ppo.batch_size`` rows of ``max_prompt_len + max_new_tokens`` tokens, in the train layout),
+  lowered exactly as ``ppo.run.Iteration`` calls them: ``setup.rewards`` (the helpfulness and
+  safety reward models; the train state and the reference policy stay resident) and
+  ``setup.experience`` (reference and value passes, GAE; the rest of the train state and both
+  reward models stay resident; its "parameters" are the reference's). Reward models are assumed
+  to have the policy's shape."""
+  pc = config.ppo
+  b, p, m = int(pc.batch_size), int(pc.max_prompt_len), int(pc.max_new_tokens)
+  sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=setup.batch_sharding)
+  batch = {"prompt_tokens": sd((b, p), jnp.int32), "prompt_mask": sd((b, p), jnp.bool_),
+           "is_safety": sd((b,), jnp.bool_)}
+  gen = sampling.GenerateOutput(sd((b, m), jnp.int32), sd((b, m), jnp.float32),
+                                sd((b,), jnp.int32), sd((b,), jnp.bool_))
+  rm = reward.abstract_reward_params(setup.cfg, setup.mesh, setup.rules)
+  shapes = {"prompt_tokens": (b, p), "response_tokens": (b, m)}
+  plans = []
+  with sharding.activate(setup.mesh, setup.rules):
+    t0 = time.perf_counter()
+    lowered = setup.rewards.lower(rm, rm, batch, gen)
+    plans.append(StepPlan(
+        "ppo.rollout_rewards (both reward models over the rollouts)", lowered, 1, shapes, rm,
+        extra={"resident_train_state": shard_bytes(state),
+               "resident_reference": shard_bytes(state.policy.params)},
+        detail={"safety reward model": shard_bytes(rm)}, lower_s=time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    lowered = setup.experience.lower(state.policy.params, state.policy.params, state.value.params,
+                                     batch, gen, sd((b,), jnp.float32))
+    # With the sampler's log-probs the policy params are unused: jit prunes them from the
+    # arguments, but they stay live in the train state.
+    resident = (state.policy.opt_state, state.value.opt_state)
+    if setup.ppo_cfg.old_logprobs == "sampler":
+      resident += (state.policy.params,)
+    plans.append(StepPlan(
+        "ppo.make_experience (reference and value passes over the rollouts)", lowered, 1, shapes,
+        state.policy.params,
+        extra={"resident_train_state_not_an_argument": shard_bytes(resident),
+               "resident_reward_models": 2 * shard_bytes(rm)},
+        detail={"value params": shard_bytes(state.value.params)},
+        lower_s=time.perf_counter() - t0))
+  return plans
 
 
 # ---- data ------------------------------------------------------------------------------------------

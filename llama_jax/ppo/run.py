@@ -29,7 +29,7 @@ Llama 2 paper, Sec. 3.2.3; Huang et al. 2024 (arXiv 2403.17031). ``python train.
 * checkpoints (``PPOState``: policy and value train states) every ``ppo.checkpoint_every``
   iterations, at an early stop, at the end and on SIGTERM, with ``ppo_progress.json`` beside.
 
-``--dry_run`` plans ``ppo.ppo_train_step`` on one minibatch and the rollouts
+``--dry_run`` plans ``ppo.ppo_train_step`` on one minibatch, the rollouts and the scoring pass
 (:meth:`PPOStage.abstract_steps`).
 """
 
@@ -271,9 +271,10 @@ class PPOStage(stage_lib.TrainingStage):
         max_nonfinite_steps=train.max_nonfinite_steps, stop_grace_s=train.stop_grace_s)
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
-    """``ppo.ppo_train_step`` on one minibatch, and the rollouts (``sampling.sample`` of
-    ``ppo.batch_size`` prompts on the generation layout); the value and reward models are
-    assumed to have the policy's shape."""
+    """``ppo.ppo_train_step`` on one minibatch, the rollouts (``sampling.sample`` of
+    ``ppo.batch_size`` prompts on the generation layout) and the scoring pass
+    (``rollout.plan_scoring``); the value and reward models are assumed to have the policy's
+    shape."""
     cfg = build.planning_model_config(config)
     rollout.check_plan(config, cfg, mesh)
     setup = rollout.Setup(config, cfg, cfg, cfg, mesh, sharding.DEFAULT_RULES)
@@ -288,7 +289,8 @@ class PPOStage(stage_lib.TrainingStage):
         {k: v.shape for k, v in mb.items()},
         state.policy.params, state.policy.opt_state, lower_s=time.perf_counter() - t0,
         detail={"value model state": stage_lib.shard_bytes(state.value)})
-    return [train, rollout.plan_rollouts(config, setup, state)]
+    return [train, rollout.plan_rollouts(config, setup, state),
+            *rollout.plan_scoring(config, setup, state)]
 
 
 STAGE = PPOStage()

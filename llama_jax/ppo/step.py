@@ -35,6 +35,7 @@ included), ``old_logprobs``, ``ref_logprobs``, ``old_values``, ``kl``, ``rewards
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional, Tuple
 
 import flax.struct
@@ -80,6 +81,10 @@ class PPOConfig:
       (a teacher-forced forward pass, for a sampler that runs another copy, e.g. in bf16).
     grad_accum_steps: microbatches per minibatch gradient step (``config.train.grad_accum_steps``):
       the same gradient, with one microbatch's activations live at a time.
+    forward_batch_size: rollouts per forward pass of the scoring pass (reward models,
+      reference, value; :func:`map_row_chunks`), 0 = the whole batch in one pass (TRL's
+      ``local_rollout_forward_batch_size``). Must divide the rollout batch; the batch-wide
+      statistics (whitening, EOS rate) still use every row.
   Raises:
     ValueError: on an out-of-range field (named).
   """
@@ -98,6 +103,7 @@ class PPOConfig:
   epochs: int = 1
   old_logprobs: str = "sampler"
   grad_accum_steps: int = 1
+  forward_batch_size: int = 0
 
   def __post_init__(self):
     if self.beta < 0:
@@ -120,6 +126,8 @@ class PPOConfig:
     if self.minibatch_size % self.grad_accum_steps:
       raise ValueError(f"PPOConfig.minibatch_size={self.minibatch_size} is not divisible by "
                        f"grad_accum_steps={self.grad_accum_steps}")
+    if self.forward_batch_size < 0:
+      raise ValueError(f"PPOConfig.forward_batch_size must be >= 0, got {self.forward_batch_size}")
     if self.old_logprobs not in OLD_LOGPROBS:
       raise ValueError(f"PPOConfig.old_logprobs must be one of {OLD_LOGPROBS}, "
                        f"got {self.old_logprobs!r}")
@@ -170,6 +178,30 @@ def _response_slice(x: jax.Array, m: int) -> jax.Array:
   return x[:, x.shape[1] - m - 1:x.shape[1] - 1]
 
 
+def map_row_chunks(fn, chunk: int, *arrays):
+  """``fn(*arrays)`` computed ``chunk`` rows at a time (``lax.map``; pure, for row-wise ``fn``).
+
+  Chunk i holds rows ``i, i + n, i + 2n, ...`` (n = rows / chunk): rows split over devices stay
+  split the same way inside every chunk, so no chunk gathers rows from other devices. Results
+  are put back in row order; peak activations are those of one chunk.
+
+  Args:
+    fn: row-wise function of arrays with a leading row axis b; returns a pytree of arrays
+      with leading axis b. chunk: rows per call (0 or >= b: one call).
+  Raises:
+    ValueError: if ``chunk`` does not divide b.
+  """
+  rows = arrays[0].shape[0]
+  if not chunk or chunk >= rows:
+    return fn(*arrays)
+  if rows % chunk:
+    raise ValueError(f"forward_batch_size {chunk} does not divide the {rows} rollouts")
+  n = rows // chunk
+  split = lambda x: jnp.swapaxes(x.reshape(chunk, n, *x.shape[1:]), 0, 1)
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(rows, *y.shape[2:]), out)
+
+
 def response_logprobs(params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                       response_tokens: jax.Array, *, cfg: LlamaConfig, temperature: float):
   """Teacher-forced ``log_softmax(logits / T)`` of the response tokens, and their entropy.
@@ -214,11 +246,14 @@ def rollout_rewards(help_params, safe_params, batch: Batch, gen: GenerateOutput,
     safety RM, ``r_safe``).
   """
   ro = rollout_tensors(batch["prompt_tokens"], batch["prompt_mask"], gen)
-  r_help = reward.score(help_params, reward_cfg, ro["tokens"], ro["mask"], probability=True)
+  score = lambda params: map_row_chunks(
+      functools.partial(reward.score, params, reward_cfg, probability=True),
+      ppo_cfg.forward_batch_size, ro["tokens"], ro["mask"])
+  r_help = score(help_params)
   stats = {"r_help": r_help, "safety_used": jnp.zeros(r_help.shape, jnp.float32)}
   if safe_params is None:
     return r_help, stats
-  r_safe = reward.score(safe_params, reward_cfg, ro["tokens"], ro["mask"], probability=True)
+  r_safe = score(safe_params)
   is_safety = jnp.asarray(batch.get("is_safety", jnp.zeros(r_help.shape, bool)), bool)
   stats["r_safe"] = r_safe
   stats["safety_used"] = (is_safety | (r_safe < ppo_cfg.safety_threshold)).astype(jnp.float32)
@@ -257,12 +292,17 @@ def make_experience(policy_params, ref_params, value_params, batch: Batch, gen: 
   tokens, pos, seg = ro["tokens"], ro["positions"], ro["segment_ids"]
   resp, rmask = ro["response_tokens"], ro["response_mask"]
   m = resp.shape[1]
+  chunk = ppo_cfg.forward_batch_size
+  logprobs = lambda params: map_row_chunks(
+      lambda *x: response_logprobs(params, *x, cfg=cfg, temperature=t)[0], chunk,
+      tokens, pos, seg, resp)
   if ppo_cfg.old_logprobs == "sampler":
     old_logp = jnp.asarray(gen.logprobs, jnp.float32)
   else:
-    old_logp, _ = response_logprobs(policy_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
-  ref_logp, _ = response_logprobs(ref_params, tokens, pos, seg, resp, cfg=cfg, temperature=t)
-  values = response_values(value_params, tokens, pos, seg, m, cfg=value_cfg)
+    old_logp = logprobs(policy_params)
+  ref_logp = logprobs(ref_params)
+  values = map_row_chunks(lambda *x: response_values(value_params, *x, m, cfg=value_cfg), chunk,
+                          tokens, pos, seg)
 
   finished = jnp.asarray(gen.finished, bool)
   whiten_mask = finished if ppo_cfg.eos_penalty is not None else None

@@ -2,9 +2,11 @@
 
 Each stage plans its own steps (``Stage.abstract_steps(config, mesh)`` in its ``run.py``; this
 module holds no stage's shapes): ``sft`` (``sft.train_step``), ``reward``
-(``reward.train_step``), ``ppo`` (``ppo.ppo_train_step`` on one minibatch, and rollout generation
-with ``sampling.sample`` on the generation layout); ``rejection_sampling`` plans its SFT
-fine-tuning step; ``pipeline`` plans SFT, reward and PPO.
+(``reward.train_step``), ``ppo`` (``ppo.ppo_train_step`` on one minibatch, rollout generation
+with ``sampling.sample`` on the generation layout, and the scoring pass: ``ppo.rollout_rewards``
+and ``ppo.make_experience``); ``rejection_sampling`` plans its SFT fine-tuning step and its
+sampling pass; ``pipeline`` plans SFT, reward and PPO. ``benchmarks/memory_plans.py`` runs it
+for every shipped config and regenerates ``docs/memory_plans.md``'s table.
 
 The step is built exactly as the stage builds it (model config, mesh, rules, optimizer,
 ``train.state.StateSetup``, the stage's jitted step with explicit in/out shardings), lowered on
@@ -124,11 +126,12 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
 
     Stages (``Stage.abstract_steps``): ``sft`` plans ``sft.train_step``; ``reward`` plans
     ``reward.train_step`` (batch ``config.reward.batch_size`` x ``max_seq_len``); ``ppo`` plans
-    ``ppo.ppo_train_step`` on one minibatch and ``sampling.sample`` of a rollout batch on the
-    generation layout (value and reward models assumed the policy's shape; PPO's AdamW, whose
-    LR does not change memory); ``rejection_sampling`` plans its fine-tuning (the SFT step) and
-    reports its sampling pass as not yet available (as ``annotate`` its whole pass);
-    ``pipeline`` plans SFT, reward and PPO.
+    ``ppo.ppo_train_step`` on one minibatch, ``sampling.sample`` of a rollout batch on the
+    generation layout and the scoring pass (value and reward models assumed the policy's shape;
+    PPO's AdamW, whose LR does not change memory); ``rejection_sampling`` plans its fine-tuning
+    (the SFT step) and its sampling pass, and reports the reward models' scoring of the samples
+    as not yet available (as ``annotate`` its whole pass); ``pipeline`` plans SFT, reward and
+    PPO.
   Raises:
     ValueError: on a bad mesh (see ``mesh_for``), an unknown stage, or a batch size not
       divisible by ``grad_accum_steps`` / the batch mesh axes (the stage names the field).

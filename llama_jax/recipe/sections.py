@@ -224,6 +224,10 @@ class PPO:
                                    "smaller chunks hold a smaller KV cache; chunk i samples "
                                    "with fold_in(key, i). Divides batch_size; a multiple of "
                                    "data x fsdp.", lo=0)
+  forward_batch_size: int = _f(PPOConfig.forward_batch_size, "Rollouts per forward pass of "
+                                "the scoring pass (reward models, reference, value; 0 = the "
+                                "whole batch at once): smaller chunks hold fewer activations. "
+                                "Divides batch_size; a multiple of data x fsdp.", lo=0)
   offload_state: bool = _f(False, "During rollouts park the train state (policy and value "
                            "params and their AdamW state) in host memory (jax memory kind "
                            "pinned_host) and bring it back for scoring and the update: its "

@@ -359,15 +359,14 @@ class RejectionSamplingStage(stage_lib.Stage):
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of
-    ``rejection_sampling.batch_size`` prompts x K rows on the generation layout (the sampled
-    model: ``init_from``'s, or the config's model for ``sample_from``'s shape)."""
+    ``rejection_sampling.batch_size`` prompts, K completions each, on the generation layout
+    (the sampled model: ``init_from``'s, or the config's model for ``sample_from``'s shape)."""
     rc = config.rejection_sampling
     cfg = build.planning_model_config(config)
-    rows = int(rc.batch_size) * int(rc.k)
     sample = stage_lib.sampling_plan(
         f"sampling.sample (rejection-sampling pass: {rc.batch_size} prompts x K={rc.k}, "
-        "generation layout)", cfg, mesh, rows, int(rc.max_prompt_len), int(rc.max_new_tokens),
-        float(rc.temperature))
+        "generation layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
+        int(rc.max_new_tokens), float(rc.temperature), num_samples=int(rc.k))
     return self.finetune.abstract_steps(config, mesh) + [sample]
 
   def unavailable(self, config) -> List[str]:

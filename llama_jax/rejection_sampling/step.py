@@ -359,11 +359,12 @@ def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
 def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], k: int,
              key: jax.Array, temperature: float, max_new_tokens: int, *, top_p: float = 1.0,
              pad_to_multiple: int = 16) -> tuple[List[List[str]], List[List[bool]]]:
-  """K sampled completions per dialog prompt (prompts repeated K times in one batch).
+  """K sampled completions per dialog prompt (one batch of K rows per prompt).
 
   Row ``i * K + j`` of the batch is sample ``j`` of prompt ``i``; generation is
-  :func:`llama_jax.sampling.generate` (jitted ``sampling.sample``), so a fixed ``key`` reproduces
-  the same samples. Completions are decoded up to (without) EOS and stripped.
+  :func:`llama_jax.sampling.generate` (jitted ``sampling.sample``) with ``num_samples=K``: each
+  prompt is prefilled once, and a fixed ``key`` reproduces the same samples. Completions are
+  decoded up to (without) EOS and stripped.
 
   Args:
     params, cfg: the policy. tokenizer: ``llama_jax.tokenizer.Tokenizer`` (chat format).
@@ -383,10 +384,9 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
   if not prompts:
     raise ValueError("prompts is empty")
   ids = [tokenizer.encode_dialog(list(p))[0].tolist() for p in prompts]
-  repeated = [x for x in ids for _ in range(k)]
-  out = sampling.generate(params, cfg, repeated, key, max_new_tokens=max_new_tokens,
+  out = sampling.generate(params, cfg, ids, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id,
-                          pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
+                          pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple, num_samples=k)
   texts = sampling.decode(out, tokenizer)
   done = np.asarray(out.finished).tolist()
   return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],

@@ -130,11 +130,12 @@ class StepPlan:
 
 def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
                   max_new_tokens: int, temperature: float,
-                  extra: Optional[Dict[str, int]] = None) -> "StepPlan":
-  """:class:`StepPlan` of ``sampling.sample`` of ``rows`` prompts of ``prompt_len`` tokens on
-  the generation layout (``sharding.GENERATION_RULES``: weights tensor-parallel in the compute
-  dtype, as ``sharding.to_generation_layout`` copies them; rows split over data x fsdp).
-  ``extra``: bytes live meanwhile (e.g. a resident train state), added to the total."""
+                  extra: Optional[Dict[str, int]] = None, num_samples: int = 1) -> "StepPlan":
+  """:class:`StepPlan` of ``sampling.sample`` of ``rows`` prompts of ``prompt_len`` tokens
+  (``num_samples`` completions each) on the generation layout (``sharding.GENERATION_RULES``:
+  weights tensor-parallel in the compute dtype, as ``sharding.to_generation_layout`` copies
+  them; rows split over data x fsdp). ``extra``: bytes live meanwhile (e.g. a resident train
+  state), added to the total."""
   gen_rules = sharding.GENERATION_RULES
   gen_params = jax.tree.map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype, sharding=sh),
@@ -146,7 +147,8 @@ def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
   sample = sharding.jit_step(
       lambda params, tok, msk, key: sampling.sample(params, tok, msk, key, cfg=cfg,
                                                     max_new_tokens=max_new_tokens,
-                                                    temperature=temperature),
+                                                    temperature=temperature,
+                                                    num_samples=num_samples),
       mesh, gen_rules, in_shardings=(jax.tree.map(lambda x: x.sharding, gen_params), batch_sh,
                                      batch_sh, replicated),
       out_shardings=jax.tree.map(lambda _: batch_sh, sampling.GenerateOutput(0, 0, 0, 0)),
@@ -155,7 +157,8 @@ def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
   t0 = time.perf_counter()
   lowered = sample.lower(gen_params, prompts, pmask, rng)
   return StepPlan(name, lowered, 1, {"prompt_tokens": (rows, prompt_len),
-                                     "prompt_mask": (rows, prompt_len)},
+                                     "prompt_mask": (rows, prompt_len),
+                                     "tokens": (rows * num_samples, max_new_tokens)},
                   gen_params, None, extra=dict(extra or {}), lower_s=time.perf_counter() - t0)
 
 

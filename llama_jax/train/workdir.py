@@ -102,6 +102,9 @@ HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.max_nonfinite_steps", "train.allow_config_change", "train.stop_grace_s",
             "mesh.device_memory_gib", "ppo.offload_state",
             "eval.")
+# Fields added after runs were made, with the value that computes what the older code did: a
+# config.json without the field resumes when the new config has that value.
+ADDED_FIELDS = {"ppo.forward_batch_size": 0}
 LOCK = ".lock"
 
 
@@ -116,12 +119,15 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
-  """``"field: old -> new"`` for every field (dotted) that differs and is not :data:`HARMLESS`."""
+  """``"field: old -> new"`` for every field (dotted) that differs and is not :data:`HARMLESS`
+  (a field of :data:`ADDED_FIELDS` absent from ``old`` and at its listed value in ``new`` does
+  not differ)."""
   a, b = _flat(dict(old)), _flat(dict(new))
+  added = lambda k: k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k]
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and not any(k == h or (h.endswith(".") and k.startswith(h))
-                                              for h in HARMLESS)]
+          if a.get(k) != b.get(k) and not added(k)
+          and not any(k == h or (h.endswith(".") and k.startswith(h)) for h in HARMLESS)]
 
 
 def check_resume(workdir: str, config, started: bool) -> None:
