@@ -15,6 +15,13 @@ float32, saved with ``save_pretrained`` to a temporary directory and loaded into
    ``model.generate(..., do_sample=False, use_cache=True)`` under ``torch.no_grad``. No EOS can
    stop either (llama_jax ``eos_id=-1``; HF ``eos_token_id=None``), so both generate exactly
    ``new_tokens`` per row; the counts and the agreement of the greedy tokens are printed.
+3. Rejection sampling's generation (``--rs_k K``, default 8; 0 skips it): K temperature-1
+   samples for each of ``--rs_prompts`` prompts of ``--rs_prompt_len`` tokens (tokens/s =
+   prompts * K * rs_new_tokens / wall time). llama_jax ``generate(..., num_samples=K)`` prefills
+   each prompt once and copies its cache K times; HF ``generate(do_sample=True,
+   num_return_sequences=K)`` expands the prompts K times before its prefill. The llama_jax run
+   with the prompts repeated K times (K prefills, as HF) is timed too, to show what the single
+   prefill is worth. Samples differ between systems (different RNGs); the counts are checked.
 
 Usage::
 
@@ -84,11 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--new_tokens", type=int, default=128)
   p.add_argument("--gen_repeats", type=int, default=3, help="timed generate calls (median)")
+  # Rejection sampling's generation (K samples per prompt).
+  p.add_argument("--rs_k", type=int, default=8, help="samples per prompt (0 = skip)")
+  p.add_argument("--rs_prompts", type=int, default=4)
+  p.add_argument("--rs_prompt_len", type=int, default=256)
+  p.add_argument("--rs_new_tokens", type=int, default=32)
   p.add_argument("--skip_train", action="store_true")
   p.add_argument("--skip_decode", action="store_true")
   args = p.parse_args(argv)
   for name in ("train_batch", "seq_len", "train_steps", "gen_batch", "prompt_len", "new_tokens",
-               "gen_repeats"):
+               "gen_repeats", "rs_prompts", "rs_prompt_len", "rs_new_tokens"):
     if getattr(args, name) <= 0:
       p.error(f"--{name} must be positive")
   if args.warmup_steps < 1:
@@ -214,6 +226,41 @@ def bench_decode(model, params, cfg, prompts, args):
           hout[:, ids.shape[1]:].numpy())
 
 
+def bench_rs(model, params, cfg, prompts, args):
+  """Alternating timed calls of K samples per prompt: llama_jax with one prefill per prompt
+  (``num_samples=K``), llama_jax with the prompts repeated K times, HF ``num_return_sequences``.
+  Returns {name: runs} (lists of (generated tokens, wall s, CPU s))."""
+  k, m = args.rs_k, args.rs_new_tokens
+  prompt_list = prompts.tolist()
+  repeated = [p for p in prompt_list for _ in range(k)]
+  ids = torch.from_numpy(prompts).long()
+  hf_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=m, min_new_tokens=m,
+               do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=k,
+               use_cache=True, eos_token_id=None, pad_token_id=0)
+
+  def run_jax(prompts_, n):
+    out = jax.block_until_ready(lj.generate(params, cfg, prompts_, jax.random.key(1),
+                                            max_new_tokens=m, temperature=1.0, eos_id=-1,
+                                            num_samples=n))
+    return int(np.asarray(out.lengths).sum())
+
+  def run_hf():
+    with torch.no_grad():
+      return int(model.generate(ids, **hf_kw)[:, ids.shape[1]:].numel())
+
+  systems = {"llama_jax, one prefill per prompt": lambda: run_jax(prompt_list, k),
+             "llama_jax, prompts repeated K times": lambda: run_jax(repeated, 1),
+             "HF num_return_sequences": run_hf}
+  model.eval()
+  for fn in systems.values():  # compile / warm up
+    fn()
+  runs = {name: [] for name in systems}
+  for _ in range(args.gen_repeats):
+    for name, fn in systems.items():
+      runs[name].append(_timed(fn))
+  return runs
+
+
 # ---- report --------------------------------------------------------------------------------------
 def _fmt(values, digits=3):
   return ", ".join(f"{v:.{digits}f}" for v in values)
@@ -281,6 +328,25 @@ def main(argv=None):
             f"({args.new_tokens} = none): {first_diff}")
     print(f"  row 0 first 8: llama_jax {jtok[0, :8].tolist()} | HF {htok[0, :8].tolist()}")
     rows.append(_row("greedy decode", args.gen_batch * args.new_tokens, jr, hr))
+
+  if args.rs_k > 0:
+    prompts = rng.integers(3, cfg.vocab_size, (args.rs_prompts, args.rs_prompt_len),
+                           dtype=np.int32)
+    runs = bench_rs(model, params, cfg, prompts, args)
+    tokens = args.rs_prompts * args.rs_k * args.rs_new_tokens
+    print(f"\n[rejection sampling] {args.rs_prompts} prompts x {args.rs_prompt_len} tokens, "
+          f"K={args.rs_k} samples of {args.rs_new_tokens} tokens at T=1, {args.gen_repeats} "
+          "timed calls each, alternating (prefill included)")
+    for name, r in runs.items():
+      print(f"  {name:<36} wall s {_fmt(x[1] for x in r)}; CPU s {_fmt(x[2] for x in r)}; "
+            f"generated tokens {r[-1][0]} (expected {tokens})")
+      if r[-1][0] != tokens:
+        raise RuntimeError(f"{name} generated {r[-1][0]} tokens, expected {tokens}")
+    hf = runs["HF num_return_sequences"]
+    rows.append(_row(f"RS sample K={args.rs_k}", tokens,
+                     runs["llama_jax, one prefill per prompt"], hf))
+    rows.append(_row("  (jax: K prefills)", tokens, runs["llama_jax, prompts repeated K times"],
+                     hf))
 
   if not args.skip_train:
     n = args.warmup_steps + args.train_steps
