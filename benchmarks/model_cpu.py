@@ -127,7 +127,8 @@ def build_models(args):
   cfg = lj.LlamaConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                        n_kv_heads=args.n_kv_heads, vocab_size=args.vocab_size,
                        multiple_of=args.multiple_of,
-                       max_seq_len=max(args.seq_len, args.prompt_len + args.new_tokens),
+                       max_seq_len=max(args.seq_len, args.prompt_len + args.new_tokens,
+                                       args.rs_prompt_len + args.rs_new_tokens),
                        scan_layers=not args.unrolled)
   hf_dict = {k: v for k, v in cfg.to_hf_config().items()
              if k not in ("architectures", "torch_dtype")}

@@ -16,7 +16,7 @@ from llama_jax.train import settings
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Stage run by train.py: sft | reward | rejection_sampling | ppo | pipeline.
+  # Stage run by train.py: sft | annotate | reward | rejection_sampling | ppo | dpo | pipeline.
   c.stage = "sft"
   # Base seed: parameter init, data shuffling, sampling.
   c.seed = 0
@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.annotate = settings.config_section(sections.Annotate)
   # Reward models (stage "reward"; llama_jax.reward, Sec. 3.2.2).
   c.reward = settings.config_section(sections.Reward)
+  # DPO (stage "dpo"; llama_jax.dpo, Rafailov et al. 2023): beta, the preference mixture, lengths.
+  c.dpo = settings.config_section(sections.DPO)
   # Rejection sampling (stage "rejection_sampling"; llama_jax.rejection_sampling.run, Sec. 3.2.3).
   c.rejection_sampling = settings.config_section(sections.RejectionSampling)
   # PPO (stage "ppo"; llama_jax.ppo.run, Sec. 3.2.3, Huang et al. 2024).

@@ -222,7 +222,7 @@ def test_rejection_sampling_plans_its_finetune_and_reports_the_rest():
 
 def test_unknown_stage_raises():
   c = _config((1, -1, 1))
-  c.stage = "dpo"
+  c.stage = "no_such_stage"
   with pytest.raises(ValueError, match="config.stage"):
     dry_run.plan(c)
 

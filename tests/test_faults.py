@@ -334,7 +334,7 @@ BAD_INPUTS = {
     "ppo.value_head_init unknown": (_set(stage="ppo", **{"ppo.value_head_init": "random"}),
                                     "config.ppo.value_head_init"),
     "annotate.k=1": (_set(stage="annotate", **{"annotate.k": 1}), "config.annotate.k"),
-    "pipeline stage unknown": (_set(stage="dpo"), "config.stage"),
+    "pipeline stage unknown": (_set(stage="no_such_stage"), "config.stage"),
     # init_from
     "init_from missing": (_set(init_from="/nonexistent/final"), "config.init_from: /nonexistent/final"),
     "init_from without params.json": (_init_from(lambda tmp: str(tmp)), "config.init_from: .* params.json"),

@@ -70,7 +70,8 @@ def _shipped_configs():
 
 def test_every_section_is_typed_and_every_shipped_config_passes():
   assert set(ALL) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh",
-                                    "annotate", "reward", "rejection_sampling", "ppo", "pipeline"}
+                                    "annotate", "reward", "dpo", "rejection_sampling", "ppo",
+                                    "pipeline"}
   shipped = _shipped_configs()
   assert len(shipped) >= 16
   for name, c in shipped:
@@ -106,6 +107,8 @@ def test_optional_and_tuple_fields():
     ("annotate", "k", 1, "config.annotate.k must be an int >= 2"),
     ("reward", "margin", "huge", "config.reward.margin must be one of"),
     ("reward", "overlong", "cut", "config.reward.overlong must be one of"),
+    ("dpo", "beta", 0.0, r"config.dpo.beta must be a finite number > 0.0"),
+    ("dpo", "batch_size", 0, "config.dpo.batch_size must be an int >= 1"),
     ("rejection_sampling", "top_p", 0.0, "config.rejection_sampling.top_p must be a finite number"),
     ("rejection_sampling", "reward", "gold", "config.rejection_sampling.reward must be one of"),
     ("pipeline", "rs_iterations", -1, "config.pipeline.rs_iterations must be an int >= 0"),

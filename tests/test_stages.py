@@ -66,6 +66,6 @@ def test_edge_values_are_accepted():
 
 def test_unknown_stage():
   config = tiny.get_config()
-  config.stage = "dpo"
+  config.stage = "no_such_stage"
   with pytest.raises(ValueError, match="config.stage"):
     stages.run(config, "w")

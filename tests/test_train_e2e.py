@@ -51,7 +51,7 @@ def test_sft_hh_tiny_runs_a_few_steps(tmp_path, llama2_tokenizer_path, hh_rlhf_p
 
 
 def test_unknown_and_unimplemented_stages_fail_clearly(tmp_path):
-  proc = run_train(tmp_path / "x", *TINY_FLAGS, "--config.stage=dpo", check=False)
+  proc = run_train(tmp_path / "x", *TINY_FLAGS, "--config.stage=no_such_stage", check=False)
   assert proc.returncode != 0 and "config.stage must be one of" in proc.stderr
   proc = run_train(tmp_path / "y", *TINY_FLAGS, "--config.traine.lr=1", check=False)
   assert proc.returncode != 0 and "traine" in proc.stderr

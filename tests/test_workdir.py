@@ -38,6 +38,20 @@ def test_a_field_added_later_at_its_old_behaviour_is_no_change():
   assert wd.config_changes(new.to_dict(), old) == ["ppo.forward_batch_size: 128 -> '<absent>'"]
 
 
+def test_a_section_added_later_is_no_change_for_older_runs():
+  """A run made before config.dpo existed resumes with the dpo section present; once a config.json
+  has the section, its fields count."""
+  old = _config().to_dict()
+  new = _config()
+  new.dpo = {"beta": 0.1, "sources": "world_helpfulness"}
+  assert wd.config_changes(old, new.to_dict()) == []
+  with_dpo = new.to_dict()
+  new.dpo.beta = 0.5
+  assert wd.config_changes(with_dpo, new.to_dict()) == ["dpo.beta: 0.1 -> 0.5"]
+  assert wd.config_changes(new.to_dict(), old) == ["dpo.beta: 0.5 -> '<absent>'",
+                                                   "dpo.sources: 'world_helpfulness' -> '<absent>'"]
+
+
 def test_check_resume_refuses_another_config_unless_allowed(tmp_path):
   wd.write_config(str(tmp_path), _config())
   changed = _config()

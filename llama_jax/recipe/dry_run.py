@@ -2,7 +2,8 @@
 
 Each stage plans its own steps (``Stage.abstract_steps(config, mesh)`` in its ``run.py``; this
 module holds no stage's shapes): ``sft`` (``sft.train_step``), ``reward``
-(``reward.train_step``), ``ppo`` (``ppo.ppo_train_step`` on one minibatch, rollout generation
+(``reward.train_step``), ``dpo`` (``dpo.train_step`` and the one-off reference pass
+``dpo.reference_logps``), ``ppo`` (``ppo.ppo_train_step`` on one minibatch, rollout generation
 with ``sampling.sample`` on the generation layout, and the scoring pass: ``ppo.rollout_rewards``
 and ``ppo.make_experience``); ``rejection_sampling`` plans its SFT fine-tuning step and its
 sampling pass; ``pipeline`` plans SFT, reward and PPO. ``benchmarks/memory_plans.py`` runs it
@@ -125,7 +126,8 @@ def plan(config, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     plan for yet (reported as "not yet available", never guessed).
 
     Stages (``Stage.abstract_steps``): ``sft`` plans ``sft.train_step``; ``reward`` plans
-    ``reward.train_step`` (batch ``config.reward.batch_size`` x ``max_seq_len``); ``ppo`` plans
+    ``reward.train_step`` (batch ``config.reward.batch_size`` x ``max_seq_len``); ``dpo`` plans
+    ``dpo.train_step`` and the reference pass (``dpo.reference_logps``); ``ppo`` plans
     ``ppo.ppo_train_step`` on one minibatch, ``sampling.sample`` of a rollout batch on the
     generation layout and the scoring pass (value and reward models assumed the policy's shape;
     PPO's AdamW, whose LR does not change memory); ``rejection_sampling`` plans its fine-tuning

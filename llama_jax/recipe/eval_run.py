@@ -84,8 +84,13 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
     json.dump(result, f, indent=2)
   lines = [f"# Evaluation of {result['workdir']} (stage {config.stage})", ""]
   if "held_out" in result:
-    lines += [f"Held-out loss {result['held_out'].get('loss', float('nan')):.4f}, perplexity "
-              f"{result['held_out'].get('perplexity', float('nan')):.3f}", ""]
+    held = result["held_out"]
+    line = f"Held-out loss {held.get('loss', float('nan')):.4f}"
+    if "rewards/accuracies" in held:  # DPO: the implicit reward's accuracy on held-out pairs
+      line += f", reward accuracy {held['rewards/accuracies']:.3f}"
+    else:
+      line += f", perplexity {held.get('perplexity', float('nan')):.3f}"
+    lines += [line, ""]
   if rows:
     lines.append(evaluation.markdown_table(
         rows, ["policy", "helpfulness", "refusal_rate", "false_refusal_rate", "n_benign", "n_harmful"]))

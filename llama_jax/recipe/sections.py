@@ -1,7 +1,8 @@
 """Typed stage sections of the config: ``config.tokenizer``, ``config.data``, ``config.mesh``,
-``config.annotate``, ``config.reward``, ``config.rejection_sampling``, ``config.ppo`` and
-``config.pipeline`` as frozen dataclasses, each field with its default, meaning and bounds (the
-one place they live: ``configs/base.py`` builds these sections with ``config_section``).
+``config.annotate``, ``config.reward``, ``config.dpo``, ``config.rejection_sampling``,
+``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each field with its default, meaning
+and bounds (the one place they live: ``configs/base.py`` builds these sections with
+``config_section``).
 
 ``recipe.stages.run`` reads each of them once before any stage starts (:data:`SECTIONS`,
 through ``train.settings.validate``); they live above the stages because the PPO and reward
@@ -143,6 +144,36 @@ class Reward:
   world_heldout_pairs: int = _f(400, "Synthetic world: held-out preference pairs per world "
                                 "source.", lo=1)
   eval_pairs: int = _f(0, "Held-out pairs per source scored at each evaluation (0 = all).", lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPO:
+  """``config.dpo``: stage "dpo" (Rafailov et al. 2023): the SFT policy in ``init_from`` trained
+  on a preference mixture (the reward section's sources) against itself as the reference. Steps:
+  ``train.num_steps``, or ``train.num_epochs`` over the first source; LR and schedule:
+  ``config.optimizer``."""
+
+  beta: float = _f(0.1, "KL coefficient of the implicit reward beta * log(pi / pi_ref) (paper: "
+                   "0.1).", lo=0.0, lo_ok=False)
+  sources: str = _f("world_helpfulness,world_safety", "Preference sources, comma-separated: "
+                    "world_helpfulness | world_safety | hh_rlhf | jsonl_preferences (e.g. the "
+                    "on-policy annotation batches). The first is the primary set: an epoch is one "
+                    "pass over it.")
+  weights: str = _f("1,1", 'Mixture weights of the sources, same order ("" = proportional to '
+                    "their sizes).")
+  batch_size: int = _f(64, "Preference pairs per global batch (paper: 64); divisible by "
+                       "processes and by train.grad_accum_steps.", lo=1)
+  max_seq_len: int = _f(4096, "Row length of a response (prompt + response + EOS).", lo=2)
+  overlong: str = _f("error", 'A pair longer than max_seq_len: "error" (rejected before step 0, '
+                     'naming file and line) or "drop" (skipped, counted in data_stats.json).',
+                     choices=("error", "drop"))
+  world_train_pairs: int = _f(4000, "Synthetic world: train preference pairs per world source.",
+                              lo=1)
+  world_heldout_pairs: int = _f(400, "Synthetic world: held-out preference pairs per world "
+                                "source.", lo=1)
+  eval_pairs: int = _f(0, "Held-out pairs per source scored at each evaluation (0 = all).", lo=0)
+  reference_batch_size: int = _f(0, "Pairs per call of the one-off reference pass (0 = the "
+                                 "train microbatch, batch_size / train.grad_accum_steps).", lo=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,5 +325,5 @@ class Pipeline:
 
 
 SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,
-            "reward": Reward, "rejection_sampling": RejectionSampling, "ppo": PPO,
+            "reward": Reward, "dpo": DPO, "rejection_sampling": RejectionSampling, "ppo": PPO,
             "pipeline": Pipeline}

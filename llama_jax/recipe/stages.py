@@ -13,6 +13,7 @@ from typing import Dict
 
 import ml_collections
 
+from llama_jax.dpo import run as dpo_run
 from llama_jax.ppo import run as ppo_run
 from llama_jax.recipe import annotate, pipeline, sections
 from llama_jax.rejection_sampling import run as rs_run
@@ -69,5 +70,6 @@ register(annotate.STAGE)
 register(reward_run.STAGE)
 register(rs_run.RejectionSamplingStage(finetune=sft_run.STAGE))
 register(ppo_run.STAGE)
+register(dpo_run.STAGE)
 register(pipeline.PipelineStage(run, REGISTRY))
 STAGES = tuple(REGISTRY)

@@ -1,6 +1,10 @@
-"""The preference data of a reward model: ``config.reward.sources`` as prepared builders, checked
-before step 0 (an overlong pair named by file and line; a source with no usable pair refused),
-and the run length in steps.
+"""The preference data of a reward model (and of DPO): ``config.<section>.sources`` as prepared
+builders, checked before step 0 (an overlong pair named by file and line; a source with no usable
+pair refused), and the run length in steps.
+
+``section`` is the config section holding the mixture: ``"reward"`` (default) or ``"dpo"``; both
+have the fields ``sources``, ``weights``, ``batch_size``, ``max_seq_len``, ``overlong``,
+``world_train_pairs`` and ``world_heldout_pairs`` (``recipe.sections``).
 
 Llama 2 paper, Sec. 3.2.2 (helpfulness / safety mixtures).
 """
@@ -18,24 +22,25 @@ PREFERENCE_SOURCES = ("world_helpfulness", "world_safety", "hh_rlhf", "jsonl_pre
 _PATH_FIELDS = {"hh_rlhf": "hh_rlhf_path", "jsonl_preferences": "preference_jsonl_path"}
 
 
-def preference_builders(config, workdir: str) -> list:
-  """Prepared builders of ``config.reward.sources`` (records validated, file and line named).
+def preference_builders(config, workdir: str, section: str = "reward") -> list:
+  """Prepared builders of ``config.<section>.sources`` (records validated, file and line named).
 
   Raises:
     ValueError: for an empty list or an unknown source; FileNotFoundError for a missing file.
   """
-  names = build.parse_list(config.reward.sources, "config.reward.sources")
+  sec = config[section]
+  names = build.parse_list(sec.sources, f"config.{section}.sources")
   if not names:
-    raise ValueError("config.reward.sources is empty")
+    raise ValueError(f"config.{section}.sources is empty")
   out = []
   for name in names:
     if name not in PREFERENCE_SOURCES:
-      raise ValueError(f"config.reward.sources: unknown source {name!r}; choose from "
+      raise ValueError(f"config.{section}.sources: unknown source {name!r}; choose from "
                        f"{PREFERENCE_SOURCES}")
     if name.startswith("world_"):
       out.append(build.source_builder("world", name[len("world_"):], config, workdir,
-                                      num_train=config.reward.world_train_pairs,
-                                      num_held_out=config.reward.world_heldout_pairs))
+                                      num_train=sec.world_train_pairs,
+                                      num_held_out=sec.world_heldout_pairs))
     else:
       out.append(build.source_builder(name, "preference", config, workdir, is_safety=True))
   return out
@@ -70,18 +75,19 @@ def _line_of(path: str, record: dict) -> str:
   return f"{path} (record not located)"
 
 
-def check_lengths(config, names, builders, tokenizer) -> dict:
-  """Per-source ``preference_stats`` of both splits. With ``config.reward.overlong == "error"``
-  an overlong pair (prompt + response + EOS > ``config.reward.max_seq_len`` tokens) raises.
+def check_lengths(config, names, builders, tokenizer, section: str = "reward") -> dict:
+  """Per-source ``preference_stats`` of both splits. With ``config.<section>.overlong ==
+  "error"`` an overlong pair (prompt + response + EOS > ``config.<section>.max_seq_len`` tokens)
+  raises.
 
   Raises:
     ValueError: naming the file and line (file sources) or the world record, the token count
       and the limit, for the first overlong pair; for an unknown ``overlong``; or naming the
       source, when no train pair of a source fits (with ``overlong="drop"``).
   """
-  rc, max_len = config.reward, config.reward.max_seq_len
+  rc, max_len = config[section], config[section].max_seq_len
   if rc.overlong not in ("error", "drop"):
-    raise ValueError(f"config.reward.overlong must be 'error' or 'drop', got {rc.overlong!r}")
+    raise ValueError(f"config.{section}.overlong must be 'error' or 'drop', got {rc.overlong!r}")
   stats = {}
   for name, b in zip(names, builders):
     for split in ("train", "held_out"):
@@ -89,8 +95,8 @@ def check_lengths(config, names, builders, tokenizer) -> dict:
       s = input_pipeline.preference_stats(records, tokenizer, max_len)
       stats[f"{name}/{split}"] = s
       if split == "train" and s["kept"] == 0:  # the batch iterator would wait forever
-        raise ValueError(f"reward source {name!r} (train split): none of its {s['records']} "
-                         f"preference pairs fits config.reward.max_seq_len={max_len} "
+        raise ValueError(f"{section} source {name!r} (train split): none of its {s['records']} "
+                         f"preference pairs fits config.{section}.max_seq_len={max_len} "
                          f"({s['dropped_overlong']} too long); raise it or drop the source")
       if s["dropped_overlong"] and rc.overlong == "error":
         i, r = next((i, r) for i, r in enumerate(records)
@@ -100,19 +106,20 @@ def check_lengths(config, names, builders, tokenizer) -> dict:
         path = config.data.get(_PATH_FIELDS.get(name, ""), "")
         where = _line_of(path, r) if path else f"source {name!r}, {split} record {i + 1}"
         raise ValueError(f"{where}: preference pair has {n} tokens (prompt + response + EOS), more "
-                         f"than config.reward.max_seq_len={max_len}; raise it, or set "
-                         "config.reward.overlong='drop' to skip such pairs")
+                         f"than config.{section}.max_seq_len={max_len}; raise it, or set "
+                         f"config.{section}.overlong='drop' to skip such pairs")
   return stats
 
 
-def total_steps(config, primary_pairs: int) -> int:
+def total_steps(config, primary_pairs: int, section: str = "reward") -> int:
   """``train.num_steps``, or one epoch over the first (primary) source: ``ceil(num_epochs *
-  primary_pairs / (share_of_primary * reward.batch_size))`` (the paper's "all helpfulness data plus
-  an equal amount of ..."; ``share`` from ``reward.weights``, or 1 for a single source)."""
+  primary_pairs / (share_of_primary * <section>.batch_size))`` (the paper's "all helpfulness data
+  plus an equal amount of ..."; ``share`` from ``<section>.weights``, or 1 for a single source)."""
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
   if config.train.num_epochs <= 0:
     raise ValueError("config.train: set num_steps > 0 or num_epochs > 0")
-  weights = build.parse_list(config.reward.weights, "config.reward.weights", float)
+  sec = config[section]
+  weights = build.parse_list(sec.weights, f"config.{section}.weights", float)
   share = weights[0] / sum(weights) if weights else 1.0
-  return max(1, math.ceil(config.train.num_epochs * primary_pairs / (share * config.reward.batch_size)))
+  return max(1, math.ceil(config.train.num_epochs * primary_pairs / (share * sec.batch_size)))

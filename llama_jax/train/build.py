@@ -197,7 +197,13 @@ def sft_sources(config, workdir: str) -> list:
 def mixed_records(builders: Sequence[Any], weights_text: str, field: str, seed: int,
                   split: str = "train"):
   """Infinite, shuffled, per-process sharded mixture of the builders' ``split`` records."""
-  sources = [b.as_data_source(split=split) for b in builders]
+  return mixed_sources([b.as_data_source(split=split) for b in builders], weights_text, field,
+                       seed)
+
+
+def mixed_sources(sources: Sequence[Any], weights_text: str, field: str, seed: int):
+  """:func:`mixed_records` of random-access sources (``len`` and ``__getitem__``), e.g. builders'
+  data sources wrapped to add fields to each record."""
   weights = parse_list(weights_text, field, float) or [float(len(s)) for s in sources]
   if len(weights) != len(sources):
     raise ValueError(f"{field} has {len(weights)} weights for {len(sources)} sources")

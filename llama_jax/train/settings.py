@@ -1,6 +1,6 @@
 """Typed sections of the settings: ``config.train``, ``config.optimizer``, ``config.eval`` (shared
 by every stage) as frozen dataclasses here, each field with its default, meaning and bounds, and
-the stage sections (``tokenizer``, ``data``, ``mesh``, ``annotate``, ``reward``,
+the stage sections (``tokenizer``, ``data``, ``mesh``, ``annotate``, ``reward``, ``dpo``,
 ``rejection_sampling``, ``ppo``, ``pipeline``) in ``recipe.sections`` (above the stages whose
 defaults they use): the one place they live (``configs/base.py`` builds its sections from them
 with :func:`config_section`).

@@ -105,6 +105,9 @@ HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
 # Fields added after runs were made, with the value that computes what the older code did: a
 # config.json without the field resumes when the new config has that value.
 ADDED_FIELDS = {"ppo.forward_batch_size": 0}
+# Config sections added after runs were made (with a stage of their own): a config.json with none
+# of a section's fields predates it, its stage did not read them, so they are not compared.
+ADDED_SECTIONS = ("dpo",)
 LOCK = ".lock"
 
 
@@ -120,10 +123,12 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
   """``"field: old -> new"`` for every field (dotted) that differs and is not :data:`HARMLESS`
-  (a field of :data:`ADDED_FIELDS` absent from ``old`` and at its listed value in ``new`` does
-  not differ)."""
+  (a field of :data:`ADDED_FIELDS` absent from ``old`` and at its listed value in ``new``, or of
+  an :data:`ADDED_SECTIONS` section wholly absent from ``old``, does not differ)."""
   a, b = _flat(dict(old)), _flat(dict(new))
-  added = lambda k: k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k]
+  new_sections = {s for s in ADDED_SECTIONS if not any(k.startswith(s + ".") for k in a)}
+  added = lambda k: k not in a and ((k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k])
+                                    or k.split(".")[0] in new_sections)
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and not added(k)
