@@ -15,7 +15,6 @@ import llama_jax as lj
 from configs import dpo_tiny
 from llama_jax import convert
 from llama_jax.dpo import reference
-from llama_jax.dpo import run as dpo_run
 from llama_jax.recipe import dry_run, eval_run, stages
 from llama_jax.train import build
 from train_helpers import assert_same_run
