@@ -135,7 +135,11 @@ def test_a_second_sigint_interrupts_at_once(tmp_path):
   def step(state, batch, rng):
     del batch, rng
     os.kill(os.getpid(), signal.SIGINT)
+    # The OS merges a second SIGINT that arrives while the first is still pending: let the first
+    # be handled (the sleep is interrupted and resumed) before sending the second.
+    time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGINT)  # a run stuck inside a step: the second one ends it
+    time.sleep(0.2)
     return state.replace(step=state.step + 1), {"loss": 0.0}
   with pytest.raises(KeyboardInterrupt):
     _run_steps(tmp_path, step, 5)
