@@ -16,7 +16,8 @@ from llama_jax.train import settings
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Stage run by train.py: sft | annotate | reward | rejection_sampling | ppo | dpo | pipeline.
+  # Stage run by train.py: sft | annotate | reward | rejection_sampling | ppo | dpo | rrhf | raft
+  # | pipeline.
   c.stage = "sft"
   # Base seed: parameter init, data shuffling, sampling.
   c.seed = 0
@@ -76,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.reward = settings.config_section(sections.Reward)
   # DPO (stage "dpo"; llama_jax.dpo, Rafailov et al. 2023): beta, the preference mixture, lengths.
   c.dpo = settings.config_section(sections.DPO)
+  # RRHF (stage "rrhf"; llama_jax.rrhf, Yuan et al. 2023): ranking K scored responses per prompt.
+  c.rrhf = settings.config_section(sections.RRHF)
+  # RAFT (stage "raft"; llama_jax.raft, Dong et al. 2023): rounds of sample, rank, fine-tune.
+  c.raft = settings.config_section(sections.RAFT)
   # Rejection sampling (stage "rejection_sampling"; llama_jax.rejection_sampling.run, Sec. 3.2.3).
   c.rejection_sampling = settings.config_section(sections.RejectionSampling)
   # PPO (stage "ppo"; llama_jax.ppo.run, Sec. 3.2.3, Huang et al. 2024).

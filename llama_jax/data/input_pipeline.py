@@ -245,9 +245,11 @@ def loss_token_fraction(batch: Mapping[str, np.ndarray]) -> float:
 
 # --- Preferences ---------------------------------------------------------------------------------
 
-def _encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str,
+def encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str,
                      max_seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-  """(tokens [t], real mask [t], final-response mask [t]) padded to t, or None if too long."""
+  """(tokens [t] int32, real mask [t] bool, final-response mask [t] bool) of ``prompt`` (a dialog
+  ending with a user turn) answered by ``response`` (chat format, EOS after the response),
+  right-padded to t = ``max_seq_len``; None if longer."""
   ids, mask = tokenizer.encode_dialog(list(prompt) + [{"role": "assistant", "content": response}])
   if len(ids) > max_seq_len:
     return None
@@ -266,8 +268,8 @@ def _encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str
 def preference_example(record: Mapping[str, Any], tokenizer: Any,
                        max_seq_len: int) -> dict[str, np.ndarray] | None:
   """One padded preference example (the row of ``preference_batches``), or None if too long."""
-  chosen = _encode_response(tokenizer, record["prompt"], record["chosen"], max_seq_len)
-  rejected = _encode_response(tokenizer, record["prompt"], record["rejected"], max_seq_len)
+  chosen = encode_response(tokenizer, record["prompt"], record["chosen"], max_seq_len)
+  rejected = encode_response(tokenizer, record["prompt"], record["rejected"], max_seq_len)
   if chosen is None or rejected is None:
     return None
   rating, label = record.get("rating"), record.get("safety_label")

@@ -1,8 +1,8 @@
 """Typed stage sections of the config: ``config.tokenizer``, ``config.data``, ``config.mesh``,
-``config.annotate``, ``config.reward``, ``config.dpo``, ``config.rejection_sampling``,
-``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each field with its default, meaning
-and bounds (the one place they live: ``configs/base.py`` builds these sections with
-``config_section``).
+``config.annotate``, ``config.reward``, ``config.dpo``, ``config.rrhf``, ``config.raft``,
+``config.rejection_sampling``, ``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each
+field with its default, meaning and bounds (the one place they live: ``configs/base.py`` builds
+these sections with ``config_section``).
 
 ``recipe.stages.run`` reads each of them once before any stage starts (:data:`SECTIONS`,
 through ``train.settings.validate``); they live above the stages because the PPO and reward
@@ -84,6 +84,17 @@ class Data:
   preference_jsonl_path: str = _f("", "Generic JSONL of preference pairs (schema in "
                                   "llama_jax/data/sources.py), reward source "
                                   '"jsonl_preferences".')
+  select: str = _f("all", "SFT train records to train on (llama_jax.data.coreset, each source "
+                   'alone; held-out splits stay whole): "all" | "coreset" (K-means of model '
+                   "embeddings, then greedy k-center from the cluster centres; Chen et al. 2023) "
+                   '| "random" (a uniform subset of the same size, seeded by `seed`).',
+                   choices=("all", "coreset", "random"))
+  select_fraction: float = _f(1.0, "Share of each source's train records selected: "
+                              "ceil(select_fraction * n).", lo=0.0, hi=1.0, lo_ok=False)
+  select_clusters: int = _f(16, "K of the coreset's K-means (at most the selected count).", lo=1)
+  select_embed_from: str = _f("", "Coreset: checkpoint (a final/ dir) whose mean-pooled final "
+                              'hidden states embed the examples ("" = config.init_from; one of '
+                              "them is required).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +185,49 @@ class DPO:
   eval_pairs: int = _f(0, "Held-out pairs per source scored at each evaluation (0 = all).", lo=0)
   reference_batch_size: int = _f(0, "Pairs per call of the one-off reference pass (0 = the "
                                  "train microbatch, batch_size / train.grad_accum_steps).", lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RRHF:
+  """``config.rrhf``: stage "rrhf" (Yuan et al. 2023): the policy in ``init_from`` trained to rank
+  K scored responses per prompt like their rewards (a sampled-set JSONL, e.g. a
+  rejection-sampling stage's ``sampled.jsonl``) plus cross-entropy on the best one. Prompts are
+  held out by ``data.heldout_fraction`` / ``data.split_seed``. Steps: ``train.num_steps``, or
+  ``train.num_epochs`` over the train prompts; LR: ``config.optimizer``."""
+
+  sampled: str = _f("", "Sampled-set JSONL files (rejection_sampling.step's records: prompt, "
+                    "samples, scores, finished), comma-separated: the candidates and their "
+                    "rewards. Truncated samples (finished false) are left out.")
+  k: int = _f(8, "Candidates per prompt in a batch: a prompt with more keeps its first k, one "
+              "with fewer is padded with masked rows.", lo=2)
+  batch_size: int = _f(16, "Prompts per global batch (each expands to k rows); divisible by "
+                       "processes and by train.grad_accum_steps.", lo=1)
+  max_seq_len: int = _f(4096, "Row length of a candidate (prompt + response + EOS).", lo=2)
+  overlong: str = _f("drop", 'A candidate longer than max_seq_len: "drop" (left out, counted in '
+                     'data_stats.json) or "error" (rejected before step 0, naming file and '
+                     'line).', choices=("error", "drop"))
+  rank_weight: float = _f(1.0, "Weight of the ranking loss against the cross-entropy on the "
+                          "best response (RRHF's rrhf_weight; paper: 1).", lo=0.0)
+  length_penalty: float = _f(1.0, "p_i = sum of log-probs / length**length_penalty (paper: 1, "
+                             "the mean log-prob).", lo=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFT:
+  """``config.raft``: stage "raft" (Dong et al. 2023): rounds of reward-ranked fine-tuning.
+  Each round samples ``rejection_sampling.k`` responses for ``rejection_sampling.num_prompts``
+  new prompts (no prompt in two rounds) from the current policy, ranks them by the reward
+  (``rejection_sampling.reward``), keeps the top share and fine-tunes on it
+  (``rejection_sampling.lr`` / ``num_epochs`` / ``num_steps``): the rejection-sampling stage's
+  machinery, online per batch, without pooling (``sample_from``, ``pool_from`` empty and
+  ``auto_temperature`` False, or the stage refuses the config)."""
+
+  num_rounds: int = _f(4, "Rounds of sample -> rank -> fine-tune, each from the previous "
+                       "round's policy.", lo=1)
+  keep_fraction: float = _f(0.0, "Global ranking: keep this top share of all the round's "
+                            "num_prompts x k samples, floor(keep_fraction x num_prompts x k) >= 1 "
+                            "of them (0 = local ranking: the best sample of each prompt, the "
+                            "paper's default). Truncated samples are never kept.", lo=0.0, hi=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,8 +376,17 @@ class Pipeline:
   reward_num_steps: int = _f(0, "Steps of the reward stages (0 = reward_num_epochs).", lo=0)
   reward_warmup_frac: float = _f(0.03, "Warmup of the reward stages as a share of their steps.",
                                  lo=0.0, hi=1.0)
+  methods: str = _f("", "Alternatives run after the pipeline from its SFT policy and first "
+                    "reward models, each in its own sub-workdir, comma-separated: dpo (on the "
+                    "helpfulness RM's preference mixture) | rrhf (on rs_1's scored samples) | "
+                    "raft (rounds of its own samples, scored by the RMs); eval.py compares them "
+                    "with the others.")
+  method_lr: float = _f(0.0, "Peak LR of the dpo and rrhf stages (0 = optimizer.lr); raft "
+                        "fine-tunes with rejection_sampling.lr.", lo=0.0)
+  method_epochs: float = _f(0.0, "Epochs of the dpo and rrhf stages (0 = train.num_epochs).",
+                            lo=0.0)
 
 
 SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,
-            "reward": Reward, "dpo": DPO, "rejection_sampling": RejectionSampling, "ppo": PPO,
-            "pipeline": Pipeline}
+            "reward": Reward, "dpo": DPO, "rrhf": RRHF, "raft": RAFT,
+            "rejection_sampling": RejectionSampling, "ppo": PPO, "pipeline": Pipeline}

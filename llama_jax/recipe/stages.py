@@ -15,9 +15,11 @@ import ml_collections
 
 from llama_jax.dpo import run as dpo_run
 from llama_jax.ppo import run as ppo_run
+from llama_jax.raft import run as raft_run
 from llama_jax.recipe import annotate, pipeline, sections
 from llama_jax.rejection_sampling import run as rs_run
 from llama_jax.reward import run as reward_run
+from llama_jax.rrhf import run as rrhf_run
 from llama_jax.sft import run as sft_run
 from llama_jax.train import settings
 from llama_jax.train.stage import Stage
@@ -71,5 +73,7 @@ register(reward_run.STAGE)
 register(rs_run.RejectionSamplingStage(finetune=sft_run.STAGE))
 register(ppo_run.STAGE)
 register(dpo_run.STAGE)
+register(raft_run.RAFTStage(rejection_sampling=REGISTRY["rejection_sampling"]))
+register(rrhf_run.STAGE)
 register(pipeline.PipelineStage(run, REGISTRY))
 STAGES = tuple(REGISTRY)

@@ -19,7 +19,8 @@ Steps (each resumable: a finished step's file is reused):
   3. Fig. 7 (max / median reward over N samples) as JSON + PNG.
   4. ``<workdir>/pooled.jsonl``: per prompt the best record over this iteration and the earlier
      iterations' picks (``rejection_sampling.pool_from``), re-scored with this iteration's reward
-     first; ``sft_data.jsonl``: the pooled best samples as SFT dialogs.
+     first (``run``'s ``select`` hook, RAFT's: the records it keeps instead);
+     ``sft_data.jsonl``: the pooled best samples as SFT dialogs.
   5. Fine-tuning with the SFT stage (injected by the registry, ``recipe.stages``) from ``init_from`` on ``sft_data.jsonl``
      in ``<workdir>/finetune``; its ``final/`` becomes ``<workdir>/final``.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -139,6 +140,7 @@ def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
   sub.stage = "sft"
   sub.tokenizer.path = tokenizer_path
   sub.data.sft_sources = "jsonl"
+  sub.data.select = "all"  # the pooled picks are the fine-tuning set; no SFT data selection
   sub.data.sft_weights = ""
   sub.data.sft_jsonl_path = sft_jsonl
   sub.optimizer.lr = rc.lr
@@ -175,9 +177,10 @@ def _sample_stats(prompts, k: int, temperature: float, texts, finished, scores) 
 
 class _Iteration:
   """One rejection-sampling iteration in ``workdir``: its inputs, checked and loaded (nothing
-  written), and the steps of the module docstring as methods (each reusing a finished file)."""
+  written), and the steps of the module docstring as methods (each reusing a finished file);
+  ``prompts``: the prompt records to sample instead of the stage's stream."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, prompts: Optional[List[dict]] = None):
     rc = self.rc = config.rejection_sampling
     self.config, self.workdir = config, workdir
     _validate(config)
@@ -188,8 +191,9 @@ class _Iteration:
     self.scfg, self.sparams = convert.load_orbax(self.sample_from)
     self.tokenizer.check_vocab(self.scfg)
     self.scorer = scoring.make_scorer(config, "rejection_sampling", self.tokenizer)
-    prompts = prompts_lib.load_prompts(config, workdir, "train", rc.num_prompts,
-                                       stream=int(rc.get("prompt_stream", -1)))
+    if prompts is None:
+      prompts = prompts_lib.load_prompts(config, workdir, "train", rc.num_prompts,
+                                         stream=int(rc.get("prompt_stream", -1)))
     self.prompts = [p for p in prompts if input_pipeline.prompt_example(
         p, self.tokenizer, rc.max_prompt_len) is not None]
     if not self.prompts:
@@ -276,13 +280,13 @@ class _Iteration:
                        f"{rc.max_new_tokens} (truncated samples are never chosen); raise it")
     return pooled, rescored
 
-  def write_pool(self, pooled: dict) -> Tuple[str, list]:
-    """``pooled.jsonl`` and ``sft_data.jsonl`` (the fine-tuning data; every process waits)."""
+  def write_pool(self, kept: list) -> Tuple[str, list]:
+    """``pooled.jsonl`` (the ``kept`` records) and ``sft_data.jsonl`` (their chosen samples, in
+    that order: the fine-tuning data; every process waits)."""
     sft_jsonl = os.path.join(self.workdir, "sft_data.jsonl")
-    sft_records = rs_lib.to_sft_records(pooled)
+    sft_records = rs_lib.to_sft_records(kept)
     if jax.process_index() == 0:
-      rs_lib.write_records(os.path.join(self.workdir, "pooled.jsonl"),
-                         [pooled[k] for k in sorted(pooled)])
+      rs_lib.write_records(os.path.join(self.workdir, "pooled.jsonl"), kept)
       sources.write_jsonl(sft_jsonl, sft_records)
     if jax.process_count() > 1:  # the fine-tune reads sft_data.jsonl on every process
       multihost_utils.sync_global_devices("rejection sampling: sft_data written")
@@ -298,7 +302,8 @@ class RejectionSamplingStage(stage_lib.Stage):
   def __init__(self, finetune: stage_lib.Stage):
     self.finetune = finetune
 
-  def run(self, config, workdir: str) -> dict:
+  def run(self, config, workdir: str, *, prompts: Optional[List[dict]] = None,
+          select: Optional[Callable[[List[dict], int], List[dict]]] = None) -> dict:
     """Run one rejection-sampling iteration in ``workdir`` (resuming its finished steps).
 
     Order: Fig. 8 (max reward vs temperature on ``plot_prompts``) first, so that with
@@ -306,6 +311,14 @@ class RejectionSamplingStage(stage_lib.Stage):
     paper re-tunes T per iteration: the optimum drifts to 1.2-1.3 after RLHF); then K samples per
     prompt at that temperature, Fig. 7, the pool (earlier picks re-scored with the current
     reward), and the fine-tune.
+
+    Hooks for stages built on this one (RAFT, ``llama_jax.raft``; a resume passes the same):
+      prompts: the prompt records (``{"prompt": dialog, "is_safety": bool}``) to sample instead
+        of ``rejection_sampling.num_prompts`` of its ``prompt_stream``.
+      select: ``(records, num_samples) -> kept records``, in place of the pool: from this
+        iteration's sampled-set records (the prompts with a finished sample) and its sample
+        count (prompts x K, truncated samples included), the records to fine-tune on (one
+        chosen sample each; several records of one prompt allowed); ``pool_from`` is not read.
 
     Returns:
       dict with ``final_dir`` (when finished), ``finished``, sampled-set statistics
@@ -318,7 +331,7 @@ class RejectionSamplingStage(stage_lib.Stage):
     existed = os.path.exists(workdir)
     with wd.Lock(workdir):
       with wd.clean_on_failure(workdir, existed):
-        it = _Iteration(config, workdir)
+        it = _Iteration(config, workdir, prompts)
         wd.check_resume(workdir, config, any(os.path.exists(os.path.join(workdir, name)) for name
                                              in ("sampled.jsonl", "sampling", "figures", "finetune")))
       wd.write_config(workdir, config)
@@ -332,17 +345,24 @@ class RejectionSamplingStage(stage_lib.Stage):
                 "stopped_by_signal": True}
       finally:
         stop.restore()
-      return self._run(config, workdir, it, records, sample_stats)
+      return self._run(config, workdir, it, records, sample_stats, select)
 
-  def _run(self, config, workdir: str, it: _Iteration, records: list, sample_stats: dict) -> dict:
+  def _run(self, config, workdir: str, it: _Iteration, records: list, sample_stats: dict,
+           select=None) -> dict:
     rc = config.rejection_sampling
     it.release()
-    pooled, rescored = it.pool(records)
-    sft_jsonl, sft_records = it.write_pool(pooled)
-    stats = {**sample_stats, "pooled": len(pooled), "rescored_from_earlier": len(rescored),
-             "pooled_reward_best": float(np.mean([rs_lib.best_score(r) for r in pooled.values()])),
-             "from_earlier_iterations": int(sum(r["iteration"] != rc.iteration
-                                                for r in pooled.values()))}
+    if select is None:
+      pooled, rescored = it.pool(records)
+      kept = [pooled[k] for k in sorted(pooled)]
+    else:
+      kept, rescored = select(records, len(it.prompts) * int(rc.k)), []
+      if not kept:
+        raise ValueError(f"rejection_sampling: the selection kept none of the "
+                         f"{len(it.prompts) * rc.k} samples (truncated samples are never kept)")
+    sft_jsonl, sft_records = it.write_pool(kept)
+    stats = {**sample_stats, "pooled": len(kept), "rescored_from_earlier": len(rescored),
+             "pooled_reward_best": float(np.mean([rs_lib.best_score(r) for r in kept])),
+             "from_earlier_iterations": int(sum(r["iteration"] != rc.iteration for r in kept))}
     log.info("rejection sampling V%d: %s", rc.iteration, stats)
     tok_path = (os.path.join(workdir, "tokenizer.model") if config.tokenizer.path == "world"
                 else config.tokenizer.path)

@@ -182,14 +182,13 @@ def write_records(path: str | os.PathLike, records: Iterable[Mapping[str, Any]])
                                     for i, r in enumerate(records)])
 
 
-def read_jsonl(path: str | os.PathLike) -> List[Record]:
-  """Read and validate a sampled-set JSONL file.
+def iter_jsonl(path: str | os.PathLike):
+  """``(line number, record)`` of each non-blank line of a sampled-set JSONL file, validated.
 
   Raises:
     ValueError: naming the file and line on invalid JSON or an invalid record.
   """
   path = os.fspath(path)
-  records = []
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -198,8 +197,16 @@ def read_jsonl(path: str | os.PathLike) -> List[Record]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: invalid JSON: {e}") from e
-      records.append(validate_record(obj, f"{path}:{n}"))
-  return records
+      yield n, validate_record(obj, f"{path}:{n}")
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Record]:
+  """Read and validate a sampled-set JSONL file (:func:`iter_jsonl`'s records).
+
+  Raises:
+    ValueError: naming the file and line on invalid JSON or an invalid record.
+  """
+  return [r for _, r in iter_jsonl(path)]
 
 
 def pool_from_records(records: Iterable[Record]) -> Dict[str, Record]:
@@ -236,12 +243,14 @@ def rescore(records: Sequence[Record], score_fn) -> List[Record]:
           for r, pick, x in zip(records, picks, scores)]
 
 
-def to_sft_records(best: Mapping[str, Record]) -> List[Dict[str, Any]]:
-  """SFT dialog records ``{"messages": prompt + [{"role": "assistant", "content": best}]}``,
-  sorted by prompt key (deterministic order)."""
+def to_sft_records(best: Mapping[str, Record] | Sequence[Record]) -> List[Dict[str, Any]]:
+  """SFT dialog records ``{"messages": prompt + [{"role": "assistant", "content": chosen}]}``
+  of each record's chosen sample: a pool (``prompt_key -> record``) sorted by prompt key, a list
+  of records (e.g. RAFT's kept samples, several per prompt) in its order."""
+  records = [r for _, r in sorted(best.items())] if isinstance(best, Mapping) else list(best)
   return [{"messages": [dict(m) for m in r["prompt"]]
            + [{"role": "assistant", "content": r["samples"][r["chosen"]]}]}
-          for _, r in sorted(best.items())]
+          for r in records]
 
 
 def order_stat_weights(k: int, n: int, j: int) -> np.ndarray:

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import sampling, sharding
-from llama_jax.data import input_pipeline, world
+from llama_jax.config import LlamaConfig
+from llama_jax.data import coreset, input_pipeline, world
 from llama_jax.sft import step as sft
 from llama_jax.train import build, optim
 from llama_jax.train import stage as stage_lib
+from llama_jax.train.checkpoint import restore_params
 from llama_jax.train.state import StateSetup, init_params_fn
 
 log = logging.getLogger(__name__)
@@ -48,16 +50,19 @@ def check_kept(stats: dict, where: str, max_seq_len: int) -> None:
         "the records or drop the source")
 
 
-def train_stats(config, builders, tokenizer) -> dict:
-  """``input_pipeline.sft_stats`` of the train split summed over the sources.
+def train_stats(config, builders, tokenizer, sources=None) -> dict:
+  """``input_pipeline.sft_stats`` of the train split summed over the sources (``sources``: the
+  train records of each builder, e.g. ``coreset.select``'s subsets; default its whole split).
 
   Raises:
     ValueError: naming the source, if one has no usable record (``check_kept``).
   """
   names = build.parse_list(config.data.sft_sources, "config.data.sft_sources")
+  if sources is None:
+    sources = [b.as_data_source(split="train") for b in builders]
   total: dict = {}
-  for name, b in zip(names, builders):
-    records = [input_pipeline.decode_record(x) for x in b.as_data_source(split="train")]
+  for name, source in zip(names, sources):
+    records = [input_pipeline.decode_record(x) for x in source]
     s = input_pipeline.sft_stats(records, tokenizer, config.data.max_seq_len)
     check_kept(s, f"config.data.sft_sources {name!r} (train split)", config.data.max_seq_len)
     total = {k: total.get(k, 0) + v for k, v in s.items()}
@@ -135,8 +140,24 @@ class HeldOut:
     return metrics
 
 
-def _data(config, workdir: str):
-  """(builders, tokenizer, model config, train stats) of ``config.data.sft_sources``, checked."""
+def _embedder(config, path: str, tokenizer, mesh, rules):
+  """``() -> (cfg, params)`` of the coreset's embedding model ``path`` (``coreset.embed_from``),
+  restored into the mesh's parameter shardings."""
+  def load():
+    ecfg = LlamaConfig.from_params_json(os.path.join(path, "params.json")).replace(
+        **{k: config.model[k] for k in build.EXEC_FIELDS})
+    try:
+      tokenizer.check_vocab(ecfg)
+    except ValueError as e:
+      raise ValueError(f"config.data.select_embed_from ({path}): {e}") from e
+    return ecfg, restore_params(path, sharding.abstract_params(ecfg, mesh, rules))
+  return load
+
+
+def _data(config, workdir: str, mesh, rules):
+  """(builders, train sources, tokenizer, model config, train stats, selection stats) of
+  ``config.data.sft_sources``, checked; the train sources are ``coreset.select``'s."""
+  embed_path = coreset.embed_from(config)  # before anything is built
   builders = build.sft_sources(config, workdir)
   tokenizer = build.tokenizer(config, workdir)
   cfg = build.model_config(config, tokenizer.vocab_size)
@@ -148,7 +169,12 @@ def _data(config, workdir: str):
   if local_batch % config.train.grad_accum_steps:
     raise ValueError(f"config.data.batch_size per process ({local_batch}) is not divisible by "
                      f"config.train.grad_accum_steps ({config.train.grad_accum_steps})")
-  return builders, tokenizer, cfg, train_stats(config, builders, tokenizer)
+  names = build.parse_list(config.data.sft_sources, "config.data.sft_sources")
+  sources, selection = coreset.select(
+      config, names, [b.as_data_source(split="train") for b in builders], tokenizer,
+      _embedder(config, embed_path, tokenizer, mesh, rules) if embed_path else None)
+  return (builders, sources, tokenizer, cfg, train_stats(config, builders, tokenizer, sources),
+          selection)
 
 
 class SFTStage(stage_lib.TrainingStage):
@@ -159,13 +185,13 @@ class SFTStage(stage_lib.TrainingStage):
   name = "sft"
 
   def prepare(self, config, workdir: str) -> stage_lib.Run:
-    builders, tokenizer, cfg, stats = _data(config, workdir)
+    mesh, rules = build.mesh_and_rules(config)
+    builders, sources, tokenizer, cfg, stats, selection = _data(config, workdir, mesh, rules)
     steps = total_steps(config, stats["tokens"])
     optimizer = optim.make_optimizer(config.optimizer, steps)
-    mesh, rules = build.mesh_and_rules(config)
     setup = StateSetup(cfg, mesh, rules, optimizer, config.seed)
     put_batch = build.put_batch_fn(mesh, rules)
-    records = build.mixed_records(builders, config.data.sft_weights, "config.data.sft_weights",
+    records = build.mixed_sources(sources, config.data.sft_weights, "config.data.sft_weights",
                                   config.seed)
     batches = iter(input_pipeline.sft_batches(
         records, tokenizer, batch_size=build.per_process_batch(config.data.batch_size),
@@ -179,7 +205,8 @@ class SFTStage(stage_lib.TrainingStage):
         batches=batches, abstract_state=setup.abstract_sharded_state(),
         init_state=lambda: setup.fresh_state(init_params), put_batch=put_batch,
         evaluate=HeldOut(config, cfg, tokenizer, builders, put_batch, workdir),
-        data_stats={"train": stats}, desc="sft", **stage_lib.intervals(config))
+        data_stats={"train": stats, **({"selection": selection} if selection else {})},
+        desc="sft", **stage_lib.intervals(config))
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """``sft.train_step`` on a [data.batch_size, data.max_seq_len] batch."""

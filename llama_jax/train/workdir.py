@@ -104,10 +104,12 @@ HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
             "eval.")
 # Fields added after runs were made, with the value that computes what the older code did: a
 # config.json without the field resumes when the new config has that value.
-ADDED_FIELDS = {"ppo.forward_batch_size": 0}
+ADDED_FIELDS = {"ppo.forward_batch_size": 0, "pipeline.methods": "", "pipeline.method_lr": 0.0,
+                "pipeline.method_epochs": 0.0, "data.select": "all", "data.select_fraction": 1.0,
+                "data.select_clusters": 16, "data.select_embed_from": ""}
 # Config sections added after runs were made (with a stage of their own): a config.json with none
 # of a section's fields predates it, its stage did not read them, so they are not compared.
-ADDED_SECTIONS = ("dpo",)
+ADDED_SECTIONS = ("dpo", "rrhf", "raft")
 LOCK = ".lock"
 
 

@@ -1,0 +1,254 @@
+"""The RAFT stage: rounds of sample -> rank by reward -> fine-tune on the top share (stage "raft").
+
+Dong et al. 2023, "RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment"
+(arXiv 2304.06767), Sec. 3. ``python train.py --config=configs/raft_tiny.py --workdir=W
+--config.init_from=<sft>/final --config.rejection_sampling.help_rm=<rm>/final ...``.
+
+Round r = 1 .. ``raft.num_rounds``, each from the policy the round before left (round 1:
+``config.init_from``):
+  1. data collection: K samples (``rejection_sampling.k``, ``temperature``, ``top_p``,
+     ``max_new_tokens``) for each of b new prompts (``rejection_sampling.num_prompts``);
+  2. data ranking: their rewards (``rejection_sampling.reward``: the RMs' combined ``Rc`` or the
+     world oracle); kept: the best sample of each prompt (local ranking, ``raft.keep_fraction = 0``,
+     the paper's default) or the top ``keep_fraction`` of all b x K samples (global ranking,
+     ``raft.step.select``); a truncated sample (no EOS) is never kept;
+  3. fine-tuning: SFT on the kept samples (``rejection_sampling.lr``, ``num_epochs`` /
+     ``num_steps``, a fresh optimizer) from the current policy: the next round's policy.
+Collection and fine-tuning are decoupled: a round is one iteration of the rejection-sampling
+stage (given by the registry, ``recipe.stages``) on RAFT's prompts with RAFT's selection, without
+pooling with earlier rounds and without Fig. 8 (``plot_prompts`` is set to 0; Fig. 7 stays).
+
+Prompts: ``num_rounds x num_prompts`` distinct train prompts of
+``rejection_sampling.prompt_stream`` (``data.prompts.load_prompts``), shuffled with
+``config.seed`` and cut into one batch per round: no two rounds share a prompt, and every run of a
+config draws the same batches. Sampling keys: ``fold_in(key(seed), r)`` (the iteration).
+
+Files: ``<workdir>/config.json``; ``tokenizer.model`` (the world tokenizer, copied to each round);
+``round_<r>/``: the round's rejection-sampling workdir (its ``config.json``: stage
+``rejection_sampling``, ``init_from`` the previous round's ``final/``, iteration r;
+``sampled.jsonl``: every sample and reward; ``sampled_stats.json``; ``figures/`` (Fig. 7);
+``pooled.jsonl``: the kept samples; ``sft_data.jsonl``; ``finetune/``: the SFT run; ``final/``;
+``result.json``); ``final/`` (the last round's) and ``result.json`` (per round: prompts, sample
+reward, kept samples and their reward, fine-tuning steps).
+
+Resume: a round with ``final/`` and ``result.json`` is reused; the first unfinished round resumes
+inside (sampled batches in ``sampling/``, the fine-tune's checkpoint), so a killed run reruns
+nothing finished. SIGTERM / SIGINT while sampling or fine-tuning stops the run after the current
+batch or at a checkpoint (exit 0, ``finished`` False). Only the config that started the workdir
+may resume it (``train.workdir.check_resume``, here and in every round).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any, Dict, List
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from llama_jax.data import prompts as prompts_lib
+from llama_jax.raft import step as raft_lib
+from llama_jax.train import build
+from llama_jax.train import stage as stage_lib
+from llama_jax.train import workdir as wd
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.json")
+
+
+def validate(config) -> None:
+  """RAFT's checks across fields and against files, before anything is written.
+
+  Raises:
+    ValueError: naming the field: ``init_from`` empty, ``raft.num_rounds`` < 1,
+      ``raft.keep_fraction`` outside [0, 1] or keeping no sample of a round's
+      ``num_prompts x k``, a ``rejection_sampling`` field RAFT cannot honour (``sample_from``,
+      ``pool_from``, ``auto_temperature``), or ``help_rm`` empty with the RM reward.
+    FileNotFoundError: for ``init_from`` without ``params.json`` or a missing RM directory.
+  """
+  rc, raft = config.rejection_sampling, config.raft
+  if not config.get("init_from", ""):
+    raise ValueError("raft: config.init_from (the policy of round 1) is empty")
+  if not os.path.isfile(os.path.join(config.init_from, "params.json")):
+    raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
+                            "stage's final/ or a converted checkpoint)")
+  if int(raft.num_rounds) < 1:
+    raise ValueError(f"config.raft.num_rounds must be >= 1, got {raft.num_rounds}")
+  keep = float(raft.keep_fraction)
+  if not 0.0 <= keep <= 1.0:
+    raise ValueError(f"config.raft.keep_fraction must be in [0, 1], got {keep}")
+  if keep > 0:
+    total = int(rc.num_prompts) * int(rc.k)
+    try:
+      raft_lib.num_kept(keep, total)
+    except ValueError:
+      raise ValueError(f"config.raft.keep_fraction={keep} keeps no sample of a round's "
+                       f"rejection_sampling.num_prompts x k = {total}; raise it to >= "
+                       f"1/{total}") from None
+  for name, why in (("sample_from", "every round samples its current policy"),
+                    ("pool_from", "a round fine-tunes on its own samples only")):
+    if rc[name]:
+      raise ValueError(f"config.rejection_sampling.{name} must be empty for RAFT ({why}), got "
+                       f"{rc[name]!r}")
+  if rc.get("auto_temperature", False):
+    raise ValueError("config.rejection_sampling.auto_temperature must be False for RAFT: rounds "
+                     "draw no Fig. 8 curve and sample at rejection_sampling.temperature")
+  if rc.reward == "rm":
+    if not rc.help_rm:
+      raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "
+                       '(<rm>/final), or set rejection_sampling.reward="oracle" on the world')
+    for name in ("help_rm", "safety_rm"):
+      if rc[name] and not os.path.isdir(rc[name]):
+        raise FileNotFoundError(f"config.rejection_sampling.{name}: {rc[name]!r} not found")
+
+
+def round_prompts(config, workdir: str) -> List[List[dict]]:
+  """The prompt records of every round: [num_rounds][num_prompts] ``{"prompt", "is_safety"}``,
+  distinct across all rounds (module docstring).
+
+  Raises:
+    ValueError: if the stream has fewer than ``num_rounds x num_prompts`` distinct prompts.
+  """
+  rc, rounds = config.rejection_sampling, int(config.raft.num_rounds)
+  n = int(rc.num_prompts)
+  prompts = prompts_lib.load_prompts(config, workdir, "train", rounds * n,
+                                     stream=int(rc.get("prompt_stream", -1)), distinct=True)
+  if len(prompts) < rounds * n:
+    raise ValueError(f"raft: {len(prompts)} distinct train prompts (stream "
+                     f"{rc.prompt_stream}) for config.raft.num_rounds x "
+                     f"config.rejection_sampling.num_prompts = {rounds} x {n}; lower one")
+  order = np.random.default_rng([int(config.seed), 0x4AF7]).permutation(len(prompts))
+  prompts = [prompts[i] for i in order[:rounds * n]]
+  return [prompts[i * n:(i + 1) * n] for i in range(rounds)]
+
+
+def round_dir(workdir: str, r: int) -> str:
+  return os.path.join(os.path.abspath(workdir), f"round_{r}")
+
+
+def round_config(config, workdir: str, r: int):
+  """The rejection-sampling config of round ``r`` (1-based): ``init_from`` the previous round's
+  ``final/`` (round 1: ``config.init_from``), iteration r, no pooling, no Fig. 8."""
+  sub = build.copy_config(config)
+  sub.stage = "rejection_sampling"
+  sub.init_from = config.init_from if r == 1 else os.path.join(round_dir(workdir, r - 1), wd.FINAL)
+  rc = sub.rejection_sampling
+  rc.iteration, rc.pool_from, rc.plot_prompts = r, "", 0
+  return sub
+
+
+def _summary(r: int, res: dict) -> Dict[str, Any]:
+  s, ft = res.get("sampled", {}), res.get("finetune", {})
+  out = {"round": r, "finished": bool(res.get("finished"))}
+  out.update({k: s[k] for k in ("prompts", "temperature", "reward_mean", "reward_best",
+                                "truncated") if k in s})
+  if "pooled" in s:
+    out.update(kept=s["pooled"], kept_reward=s["pooled_reward_best"])
+  if ft:
+    out.update(finetune_steps=ft.get("steps"),
+               finetune_eval_loss=(ft.get("eval") or {}).get("loss"))
+  return out
+
+
+def _started(workdir: str, rounds: int) -> bool:
+  """Whether any round of ``workdir`` holds more than the shared tokenizer (and its lock)."""
+  return any(os.path.isdir(d) and set(os.listdir(d)) - {*TOKENIZER_FILES, wd.LOCK}
+             for d in (round_dir(workdir, r) for r in range(1, rounds + 1)))
+
+
+def _share_tokenizer(config, workdir: str, sub_dir: str) -> None:
+  """Copy the world tokenizer of ``workdir`` into a round's workdir (not trained again; every
+  process waits for the copy)."""
+  if config.tokenizer.path != "world":
+    return
+  if jax.process_index() == 0:
+    os.makedirs(sub_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+      src, dst = os.path.join(workdir, name), os.path.join(sub_dir, name)
+      if os.path.exists(src) and not os.path.exists(dst):
+        shutil.copy2(src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"raft: tokenizer shared with {sub_dir}")
+
+
+class RAFTStage(stage_lib.Stage):
+  """Stage ``raft`` (module docstring); each round runs on ``rejection_sampling`` (the
+  rejection-sampling stage, given by the registry, so this package imports no other runner)."""
+
+  name = "raft"
+
+  def __init__(self, rejection_sampling: stage_lib.Stage):
+    self.rs = rejection_sampling
+
+  def run(self, config, workdir: str) -> dict:
+    """Run (or resume) RAFT in ``workdir``.
+
+    Returns:
+      dict with ``finished``, ``rounds`` (per round: prompts, temperature, sample reward mean and
+      best-of-K, truncated share, kept samples and their mean reward, fine-tuning steps and
+      held-out loss, ``wall_s`` when it ran in this call), ``ranking`` ("local" | "global"),
+      ``final_dir`` when finished, ``stopped_at`` (a round) otherwise.
+    Raises:
+      ValueError / FileNotFoundError: from :func:`validate`, :func:`round_prompts`, a workdir of
+        another config or in use, before anything is written (a new workdir is removed); a
+        round raises its own (the rejection-sampling stage's) errors.
+    """
+    rounds = int(config.raft.num_rounds)
+    existed = os.path.exists(workdir)
+    with wd.Lock(workdir):
+      with wd.clean_on_failure(workdir, existed):
+        validate(config)
+        batches = round_prompts(config, workdir)
+        wd.check_resume(workdir, config, os.path.exists(os.path.join(workdir, wd.RESULT))
+                        or _started(workdir, rounds))
+        if config.tokenizer.path == "world":
+          build.tokenizer(config, workdir)  # trained once (or reused), copied to every round
+      if wd.is_done(workdir):
+        log.info("raft: %s is finished; nothing to run", workdir)
+        return wd.read_json(os.path.join(workdir, wd.RESULT))
+      wd.write_config(workdir, config)
+      try:
+        return self._rounds(config, workdir, batches)
+      except BaseException:
+        if not existed and jax.process_index() == 0 and not _started(workdir, rounds):
+          shutil.rmtree(workdir, ignore_errors=True)  # failed before round 1 kept anything
+        raise
+
+  def _rounds(self, config, workdir: str, batches: List[List[dict]]) -> dict:
+    keep = float(config.raft.keep_fraction)
+    select = None if keep == 0 else (
+        lambda records, num_samples: raft_lib.kept_records(records, keep, num_samples))
+    out: Dict[str, Any] = {"ranking": "local" if keep == 0 else "global", "keep_fraction": keep,
+                           "rounds": [], "finished": False}
+    for r, prompts in enumerate(batches, 1):
+      sub_dir = round_dir(workdir, r)
+      if wd.is_done(sub_dir):
+        out["rounds"].append(_summary(r, wd.read_json(os.path.join(sub_dir, wd.RESULT))))
+        continue
+      _share_tokenizer(config, workdir, sub_dir)
+      log.info("raft: round %d of %d in %s", r, len(batches), sub_dir)
+      t0 = time.perf_counter()
+      res = self.rs.run(round_config(config, workdir, r), sub_dir, prompts=prompts, select=select)
+      out["rounds"].append({**_summary(r, res), "wall_s": time.perf_counter() - t0})
+      if not res.get("finished"):
+        log.warning("raft: round %d stopped before finishing; rerun to resume", r)
+        return {**out, "stopped_at": f"round_{r}"}
+      log.info("raft: round %d: %s", r, out["rounds"][-1])
+    out["final_dir"] = wd.copy_final(os.path.join(round_dir(workdir, len(batches)), wd.FINAL),
+                                     workdir)
+    out["finished"] = True
+    wd.write_result(workdir, out)
+    return out
+
+  def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
+    """A round's programs: the rejection-sampling stage's (the fine-tuning step, the sampling
+    pass of ``rejection_sampling.batch_size`` prompts x K)."""
+    return self.rs.abstract_steps(config, mesh)
+
+  def unavailable(self, config) -> List[str]:
+    return self.rs.unavailable(config)
