@@ -198,3 +198,33 @@ def test_bad_iteration_count():
   c.pipeline.rs_iterations = -1
   with pytest.raises(ValueError, match="rs_iterations"):
     stages.run(c, "/nonexistent/never_created")
+
+
+def test_methods_start_from_sft_with_the_first_round_data_and_reward_models(tmp_path):
+  c = small_config()
+  c.annotate.num_prompts, c.annotate.rounds = 16, 2
+  c.pipeline.methods, c.pipeline.method_lr, c.pipeline.method_epochs = "dpo,rrhf,raft", 1e-4, 2.0
+  plan = dict(pipeline.stage_plan(c, str(tmp_path)))
+  assert list(plan)[-3:] == ["dpo", "rrhf", "raft"]
+  final = lambda name: str(tmp_path / name / "final")
+  dpo, rrhf, raft, rm = plan["dpo"](), plan["rrhf"](), plan["raft"](), plan["rm_helpfulness"]()
+  assert dpo.init_from == rrhf.init_from == raft.init_from == final("sft")
+  assert (dpo.stage, rrhf.stage, raft.stage) == ("dpo", "rrhf", "raft")
+  # DPO learns from the helpfulness RM's mixture, the first annotation batch included.
+  assert (dpo.dpo.sources, dpo.dpo.weights) == (rm.reward.sources, rm.reward.weights)
+  assert dpo.data.preference_jsonl_path == rm.data.preference_jsonl_path
+  assert "jsonl_preferences" in dpo.dpo.sources
+  assert rrhf.rrhf.sampled == str(tmp_path / "rs_1" / "sampled.jsonl")
+  for sub in (dpo, rrhf):
+    assert (sub.optimizer.lr, sub.train.num_epochs, sub.train.num_steps) == (1e-4, 2.0, 0)
+  r, rs_1 = raft.rejection_sampling, plan["rs_1"]().rejection_sampling
+  assert (r.help_rm, r.safety_rm) == (final("rm_helpfulness"), final("rm_safety"))
+  assert (r.prompt_stream, r.k, r.auto_temperature) == (rs_1.prompt_stream, rs_1.k, False)
+  assert r.num_prompts == rs_1.num_prompts // raft.raft.num_rounds
+  for bad in ("dpo,ppo", "dpo,dpo"):
+    c.pipeline.methods = bad
+    with pytest.raises(ValueError, match="config.pipeline.methods"):
+      pipeline.stage_plan(c, str(tmp_path))
+  c.pipeline.methods, c.pipeline.rs_iterations, c.annotate.rounds = "rrhf", 0, 1
+  with pytest.raises(ValueError, match="rs_iterations"):
+    pipeline.stage_plan(c, str(tmp_path))

@@ -19,6 +19,9 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
   <workdir>/ppo_oracle      stage "ppo", reward oracle  pipeline.oracle_control: the gold-reward
                                                         control, same start and prompts as ppo
   <workdir>/rs_<k+1>        stage "rejection_sampling"  pipeline.rs_after_ppo: init_from ppo
+  <workdir>/dpo, rrhf, raft  pipeline.methods: alternatives from sft with the first round's
+                            data and RMs (DPO: the helpfulness RM's mixture; RRHF: rs_1's
+                            scored samples; RAFT: its own samples scored by the RMs)
 
 Every annotation round, rejection-sampling iteration and PPO draws train prompts from its own
 stream (``llama_jax.data.prompts``); the safety RMs get ``pipeline.safety_aux_weight``.
@@ -45,6 +48,8 @@ from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
 
 log = logging.getLogger(__name__)
+# Alternatives to rejection sampling and PPO (pipeline.methods): sub-workdir -> report label.
+METHODS = {"dpo": "DPO", "rrhf": "RRHF", "raft": "RAFT"}
 
 
 def rm_name(kind: str, round_: int) -> str:
@@ -110,6 +115,14 @@ class _Plan:
                        f"rejection-sampling iterations, got {p.rs_k!r}")
     if p.get("oracle_control", False) and config.tokenizer.path != "world":
       raise ValueError("config.pipeline.oracle_control needs the synthetic world (an oracle)")
+    self.methods = build.parse_list(p.get("methods", ""), "config.pipeline.methods")
+    unknown = [m for m in self.methods if m not in METHODS]
+    if unknown or len(set(self.methods)) < len(self.methods):
+      raise ValueError(f"config.pipeline.methods: each of {tuple(METHODS)} at most once, got "
+                       f"{p.methods!r}")
+    if "rrhf" in self.methods and "rs_1" not in self.positions:
+      raise ValueError("config.pipeline.methods: rrhf learns from rs_1's scored samples; set "
+                       "config.pipeline.rs_iterations >= 1")
     streams = int(config.data.get("prompt_streams", 8))
     needed = (self.rounds if self.annotating else 0) + len(self.positions)
     if needed > streams:
@@ -195,6 +208,36 @@ class _Plan:
     return sub
 
 
+  def method(self, name: str):
+    """An alternative method (:data:`METHODS`) from the SFT policy with the first round's data
+    and reward models: ``dpo`` on the helpfulness RM's preference mixture, ``rrhf`` on rs_1's
+    K scored samples of the SFT policy, ``raft`` sampling its own from rs_1's prompt stream
+    (rs_1's ``num_prompts`` split over ``raft.num_rounds`` rounds, rs_1's K, at
+    ``rejection_sampling.temperature``: no Fig. 8 per round)."""
+    p, sub = self.p, self.stage(name, self.final("sft"))
+    if name == "raft":  # rs_1's prompts, RMs and K, split into raft.num_rounds online rounds
+      r = sub.rejection_sampling
+      r.help_rm, r.safety_rm = self.rms(1)
+      r.pool_from, r.sample_from, r.auto_temperature, r.iteration = "", "", False, 1
+      r.prompt_stream = self.stream(1)
+      r.num_prompts = max(1, int(r.num_prompts) // int(sub.raft.num_rounds))
+      if self.ks:
+        r.k = self.ks[0]
+      return sub
+    if p.get("method_lr", 0.0) > 0:
+      sub.optimizer.lr = p.method_lr
+    sub.optimizer.warmup_steps, sub.optimizer.warmup_frac = 0, 0.0
+    if p.get("method_epochs", 0.0) > 0:
+      sub.train.num_epochs, sub.train.num_steps = p.method_epochs, 0
+    if name == "dpo":
+      rm = self.rm("helpfulness", 1)
+      sub.dpo.sources, sub.dpo.weights = rm.reward.sources, rm.reward.weights
+      sub.data.preference_jsonl_path = rm.data.preference_jsonl_path
+    else:
+      sub.rrhf.sampled = os.path.join(self.root, "rs_1", "sampled.jsonl")
+    return sub
+
+
 def _round_stages(plan: _Plan, j: int) -> List[Tuple[str, Callable[[], Any]]]:
   out = [(annotate_name(j), functools.partial(plan.annotate, j))] if plan.annotating else []
   return out + [(rm_name(kind, j), functools.partial(plan.rm, kind, j))
@@ -228,7 +271,7 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
     out.append(("ppo", functools.partial(plan.ppo, j)))
     if plan.p.get("oracle_control", False):
       out.append(("ppo_oracle", functools.partial(plan.ppo, j, oracle=True)))
-  return out
+  return out + [(m, functools.partial(plan.method, m)) for m in plan.methods]
 
 
 def _share_tokenizer(config, workdir: str, sub_dir: str):

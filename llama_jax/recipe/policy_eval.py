@@ -69,15 +69,18 @@ class PolicyDir(NamedTuple):
 
 def policies_of(workdir: str, config=None) -> List[PolicyDir]:
   """The finished policies of a pipeline workdir, in pipeline order
-  (``pipeline.policy_positions``; the gold-reward control after PPO)."""
+  (``pipeline.policy_positions``; the gold-reward control after PPO), then the alternative
+  methods (``pipeline.METHODS``: DPO, RRHF, RAFT) found in it."""
   if config is None:
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
   names = ["sft"]
   for name in pipeline_lib.policy_positions(config):
     names += [name, "ppo_oracle"] if name == "ppo" else [name]
+  names += list(pipeline_lib.METHODS)
   label = lambda n: ("SFT" if n == "sft" else "PPO" if n == "ppo" else
                      "PPO (oracle reward)" if n == "ppo_oracle" else
+                     pipeline_lib.METHODS[n] if n in pipeline_lib.METHODS else
                      f"RLHF-V{n.split('_')[1]} (RS)")
   return [PolicyDir(label(n), n, os.path.join(workdir, n, "final")) for n in names
           if os.path.isdir(os.path.join(workdir, n, "final"))]

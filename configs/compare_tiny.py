@@ -1,0 +1,41 @@
+"""Every alignment method of the project side by side on the synthetic world, CPU-sized.
+
+One SFT policy and one pair of reward models (trained on the world's pairs plus one on-policy
+annotation batch), then from them: rejection sampling (RLHF-V1), PPO on top of it (the Llama 2
+order), and the alternatives DPO, RRHF and RAFT (``pipeline.methods``), each in
+``<workdir>/<name>``::
+
+  python train.py --config=configs/compare_tiny.py --workdir=/tmp/compare
+  python eval.py --workdir=/tmp/compare      # one table: SFT, RS, PPO, DPO, RRHF, RAFT
+
+Every method reads the same preference data or the same reward models: DPO trains on the
+helpfulness RM's mixture, RRHF on rs_1's K = 4 samples per prompt of the SFT policy scored by the
+RMs (the samples rejection sampling picks from), RAFT on rounds of its own samples scored by the
+RMs.
+"""
+
+from configs import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  # One annotation round and one rejection-sampling iteration (tiny.py: three and two), no
+  # gold-reward control: the shared SFT policy and RM pair every method starts from.
+  c.annotate.rounds = 1
+  c.pipeline.rs_iterations = 1
+  c.pipeline.oracle_control = False
+  c.pipeline.methods = "dpo,rrhf,raft"
+  # DPO and RRHF: the LR and epochs of rejection sampling's fine-tune (1e-4, 2 epochs).
+  c.pipeline.method_lr = 1e-4
+  c.pipeline.method_epochs = 2.0
+  # DPO (configs/dpo_tiny.py): beta 0.1, 16 pairs per batch, rows of at most 128 tokens.
+  c.dpo.beta = 0.1
+  c.dpo.batch_size = 16
+  c.dpo.max_seq_len = 128
+  c.dpo.world_train_pairs = 1600
+  c.dpo.world_heldout_pairs = 400
+  # RRHF (configs/rrhf_tiny.py): the K = 4 samples of each prompt in one batch row group.
+  c.rrhf.k = 4
+  c.rrhf.batch_size = 16
+  c.rrhf.max_seq_len = 128
+  return c
