@@ -32,6 +32,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.data import input_pipeline, world
 from llama_jax.model import forward
 
+
 def _embed_rows(params: Any, tokens: jax.Array, mask: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
   """[b, t] int32 tokens, [b, t] bool mask -> [b, d] float32 unit mean-pooled hidden states."""
   mask = jnp.asarray(mask, bool)
