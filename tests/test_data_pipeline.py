@@ -284,3 +284,13 @@ def test_hh_rlhf_with_llama2_tokenizer(hh_rlhf_path, llama2_tokenizer_path):
       assert llama.decode(batch["targets"][row, last]).strip() in answers
       checked += 1
   assert checked >= 40 and np.mean(fractions) > 0.5
+
+
+def test_pad_batch_fills_the_missing_rows_and_refuses_a_long_batch():
+  batch = {"tokens": np.ones((2, 3), np.int32), "rating": np.array([1, 2], np.int32)}
+  out = pl.pad_batch(batch, 4, {"rating": -1})
+  np.testing.assert_array_equal(out["tokens"], [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(out["rating"], [1, 2, -1, -1])
+  assert out["tokens"].dtype == np.int32 and out["rating"].dtype == np.int32
+  with pytest.raises(ValueError, match="exceed size 1"):
+    pl.pad_batch(batch, 1)

@@ -233,6 +233,22 @@ def sft_batches(records: grain.MapDataset, tokenizer: Any, *, batch_size: int, m
   return ds.map(_rename_packed).batch(batch_size, drop_remainder=drop_remainder)
 
 
+def pad_batch(batch: Mapping[str, np.ndarray], size: int,
+              fill: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """A short last batch padded to ``size`` rows along axis 0 with ``fill[key]`` (default 0:
+  rows without a real token, which evaluation sums exclude).
+
+  Raises:
+    ValueError: if the batch already has more than ``size`` rows.
+  """
+  have = len(next(iter(batch.values())))
+  if have > size:
+    raise ValueError(f"pad_batch: {have} rows exceed size {size}")
+  fill = fill or {}
+  return {k: np.concatenate([v, np.full((size - have,) + v.shape[1:], fill.get(k, 0), v.dtype)])
+          for k, v in batch.items()}
+
+
 def non_padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
   """Share of real (non-padding) tokens in an SFT batch: ``mean(segment_ids != 0)``."""
   return float(np.mean(np.asarray(batch["segment_ids"]) != 0))

@@ -47,9 +47,7 @@ class HeldOut:
     records = input_pipeline.records_dataset(source, shuffle=False, num_epochs=1)
     for batch in reference.dpo_batches(records, self.tok, batch_size=self.batch_size,
                                        max_seq_len=self.max_len, drop_remainder=False):
-      have = len(batch["chosen_tokens"])  # pad with empty pairs: invalid, excluded from sums
-      yield {k: np.concatenate([v, np.zeros((self.batch_size - have,) + v.shape[1:], v.dtype)])
-             for k, v in batch.items()}
+      yield input_pipeline.pad_batch(batch, self.batch_size)  # empty pairs: excluded from sums
 
   def __call__(self, state, step: int) -> dict:
     del step

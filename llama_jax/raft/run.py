@@ -47,7 +47,6 @@ import time
 from typing import Any, Dict, List
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from llama_jax.data import prompts as prompts_lib
@@ -57,8 +56,6 @@ from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.json")
 
 
 def validate(config) -> None:
@@ -157,23 +154,8 @@ def _summary(r: int, res: dict) -> Dict[str, Any]:
 
 def _started(workdir: str, rounds: int) -> bool:
   """Whether any round of ``workdir`` holds more than the shared tokenizer (and its lock)."""
-  return any(os.path.isdir(d) and set(os.listdir(d)) - {*TOKENIZER_FILES, wd.LOCK}
+  return any(os.path.isdir(d) and set(os.listdir(d)) - {*wd.TOKENIZER_FILES, wd.LOCK}
              for d in (round_dir(workdir, r) for r in range(1, rounds + 1)))
-
-
-def _share_tokenizer(config, workdir: str, sub_dir: str) -> None:
-  """Copy the world tokenizer of ``workdir`` into a round's workdir (not trained again; every
-  process waits for the copy)."""
-  if config.tokenizer.path != "world":
-    return
-  if jax.process_index() == 0:
-    os.makedirs(sub_dir, exist_ok=True)
-    for name in TOKENIZER_FILES:
-      src, dst = os.path.join(workdir, name), os.path.join(sub_dir, name)
-      if os.path.exists(src) and not os.path.exists(dst):
-        shutil.copy2(src, dst)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"raft: tokenizer shared with {sub_dir}")
 
 
 class RAFTStage(stage_lib.Stage):
@@ -230,7 +212,7 @@ class RAFTStage(stage_lib.Stage):
       if wd.is_done(sub_dir):
         out["rounds"].append(_summary(r, wd.read_json(os.path.join(sub_dir, wd.RESULT))))
         continue
-      _share_tokenizer(config, workdir, sub_dir)
+      wd.share_tokenizer(config, workdir, sub_dir)
       log.info("raft: round %d of %d in %s", r, len(batches), sub_dir)
       t0 = time.perf_counter()
       res = self.rs.run(round_config(config, workdir, r), sub_dir, prompts=prompts, select=select)

@@ -36,11 +36,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import jax
 
 from llama_jax.recipe import annotate
 from llama_jax.train import build
@@ -274,18 +272,6 @@ def stage_plan(config, workdir: str) -> List[Tuple[str, Callable[[], Any]]]:
   return out + [(m, functools.partial(plan.method, m)) for m in plan.methods]
 
 
-def _share_tokenizer(config, workdir: str, sub_dir: str):
-  """Copy the world tokenizer (model + settings sidecar) of the SFT stage into a sub-workdir, so
-  ``build.tokenizer`` reuses it instead of training it again."""
-  if config.tokenizer.path != "world" or jax.process_index() != 0:
-    return
-  os.makedirs(sub_dir, exist_ok=True)
-  for name in ("tokenizer.model", "tokenizer.model.json"):
-    src = os.path.join(workdir, "sft", name)
-    if os.path.exists(src) and not os.path.exists(os.path.join(sub_dir, name)):
-      shutil.copy2(src, os.path.join(sub_dir, name))
-
-
 class PipelineStage(stage_lib.Stage):
   """Stage ``pipeline`` (module docstring). ``run_stage(config, workdir)`` runs a sub-stage by
   ``config.stage`` (the registry's ``recipe.stages.run``, given by the registry, so this module
@@ -326,7 +312,7 @@ class PipelineStage(stage_lib.Stage):
         out["stages"][name] = wd.read_json(os.path.join(sub_dir, wd.RESULT))
         continue
       if name != "sft":
-        _share_tokenizer(config, workdir, sub_dir)
+        wd.share_tokenizer(config, os.path.join(workdir, "sft"), sub_dir)
       log.info("pipeline: running %s in %s", name, sub_dir)
       t0 = time.perf_counter()
       out["stages"][name] = self.run_stage(make(), sub_dir)

@@ -47,11 +47,8 @@ class HeldOut:
     ds = input_pipeline.preference_batches(records, self.tok, batch_size=self.batch_size,
                                      max_seq_len=self.max_len, drop_remainder=False)
     for batch in ds:
-      have = len(batch["rating"])
       # Pad the last batch with empty pairs (no real token: excluded from every sum).
-      yield {k: np.concatenate([v, np.full((self.batch_size - have,) + v.shape[1:],
-                                           -1 if k in ("rating", "safety_label") else 0, v.dtype)])
-             for k, v in batch.items()}
+      yield input_pipeline.pad_batch(batch, self.batch_size, {"rating": -1, "safety_label": -1})
 
   def __call__(self, state, step: int) -> dict:
     del step

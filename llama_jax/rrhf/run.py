@@ -55,9 +55,7 @@ class HeldOut:
     sums = None
     for batch in rrhf_data.rrhf_batches(records, self.tok, batch_size=self.batch_size, k=self.k,
                                         max_seq_len=self.max_len, drop_remainder=False):
-      have = len(batch["tokens"])  # pad with empty prompts: no valid row, excluded from sums
-      batch = {k: np.concatenate([v, np.zeros((self.batch_size - have,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
+      batch = input_pipeline.pad_batch(batch, self.batch_size)  # empty prompts: not counted
       got = jax.device_get(self.eval_step(state.params, self.put_batch(batch)))
       sums = got if sums is None else jax.tree.map(np.add, sums, got)
     m = rrhf.means(sums["loss_sum"], sums)

@@ -89,6 +89,27 @@ def copy_final(src: str, workdir: str) -> str:
   return publish(workdir, copy)
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.json")  # the world tokenizer + settings
+
+
+def share_tokenizer(config, src_dir: str, sub_dir: str) -> None:
+  """Copy the world tokenizer (model and settings sidecar) of ``src_dir`` into ``sub_dir``, so
+  ``build.tokenizer`` there reuses it instead of training it again (process 0 copies; every
+  process waits). A no-op unless ``config.tokenizer.path == "world"``; files already in
+  ``sub_dir`` are kept."""
+  if config.tokenizer.path != "world":
+    return
+  if jax.process_index() == 0:
+    os.makedirs(sub_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+      src, dst = os.path.join(src_dir, name), os.path.join(sub_dir, name)
+      if os.path.exists(src) and not os.path.exists(dst):
+        shutil.copy2(src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"tokenizer shared with {sub_dir}")
+
+
 def write_result(workdir: str, result: dict) -> None:
   """``<workdir>/result.json``: written once, when the stage finished."""
   write_json(os.path.join(workdir, RESULT), result)
