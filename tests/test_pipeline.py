@@ -203,9 +203,10 @@ def test_bad_iteration_count():
 def test_methods_start_from_sft_with_the_first_round_data_and_reward_models(tmp_path):
   c = small_config()
   c.annotate.num_prompts, c.annotate.rounds = 16, 2
-  c.pipeline.methods, c.pipeline.method_lr, c.pipeline.method_epochs = "dpo,rrhf,raft", 1e-4, 2.0
+  c.pipeline.methods = "dpo,rrhf,raft,context_distillation"
+  c.pipeline.method_lr, c.pipeline.method_epochs = 1e-4, 2.0
   plan = dict(pipeline.stage_plan(c, str(tmp_path)))
-  assert list(plan)[-3:] == ["dpo", "rrhf", "raft"]
+  assert list(plan)[-4:] == ["dpo", "rrhf", "raft", "context_distillation"]
   final = lambda name: str(tmp_path / name / "final")
   dpo, rrhf, raft, rm = plan["dpo"](), plan["rrhf"](), plan["raft"](), plan["rm_helpfulness"]()
   assert dpo.init_from == rrhf.init_from == raft.init_from == final("sft")
@@ -221,6 +222,13 @@ def test_methods_start_from_sft_with_the_first_round_data_and_reward_models(tmp_
   assert (r.help_rm, r.safety_rm) == (final("rm_helpfulness"), final("rm_safety"))
   assert (r.prompt_stream, r.k, r.auto_temperature) == (rs_1.prompt_stream, rs_1.k, False)
   assert r.num_prompts == rs_1.num_prompts // raft.raft.num_rounds
+  # Context distillation: the first RM pair, rs_1's prompt stream, rejection sampling's fine-tune.
+  cd = plan["context_distillation"]()
+  assert (cd.stage, cd.init_from) == ("context_distillation", final("sft"))
+  assert (cd.rejection_sampling.help_rm, cd.rejection_sampling.safety_rm) == (
+      final("rm_helpfulness"), final("rm_safety"))
+  assert cd.context_distillation.prompt_stream == rs_1.prompt_stream
+  assert cd.rejection_sampling.lr == c.rejection_sampling.lr
   for bad in ("dpo,ppo", "dpo,dpo"):
     c.pipeline.methods = bad
     with pytest.raises(ValueError, match="config.pipeline.methods"):

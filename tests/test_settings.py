@@ -69,9 +69,9 @@ def _shipped_configs():
 
 
 def test_every_section_is_typed_and_every_shipped_config_passes():
-  assert set(ALL) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh",
-                                    "annotate", "reward", "dpo", "rrhf", "raft",
-                                    "rejection_sampling", "ppo", "pipeline"}
+  assert set(ALL) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh", "annotate",
+                      "reward", "dpo", "rrhf", "raft", "context_distillation",
+                      "rejection_sampling", "ppo", "pipeline"}
   shipped = _shipped_configs()
   assert len(shipped) >= 16
   for name, c in shipped:

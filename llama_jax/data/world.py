@@ -41,7 +41,7 @@ from llama_jax.data import world_tasks
 from llama_jax.data.sources import RATINGS, SAFETY_LABELS
 from llama_jax.data.world_tasks import (  # re-exported
     BENIGN_TASKS, HABITS, HARMFUL_CATEGORIES, SYSTEM_PROMPT, WORDS, WorldPrompt, demonstration,
-    parse_prompt)
+    parse_prompt, safety_preprompt)
 
 SPLITS = ("train", "held_out")
 
@@ -82,6 +82,14 @@ class WorldConfig:
       (0.6: the habit is SFT's most likely answer, so its greedy policy answers with it).
     prompt_streams: number of disjoint prompt streams of each split (``stream_of``): stages that
       draw prompts (annotation rounds, rejection-sampling iterations, PPO) use different streams.
+    unsafe_fraction: share of the harmful SFT demonstrations without a safety preprompt written
+      by unsafe annotators: a compliance or a hedged compliance (quality 0 or 1), half each. The
+      SFT policy then answers some harmful prompts (0, default: every demonstration refuses).
+    safety_preprompt_fraction: share of the harmful SFT dialogs that start with a safety
+      preprompt (``safety_preprompt``: generic, or with the category's answer template, half
+      each) and refuse (``world_tasks.preprompted_refusal``): the SFT policy learns to follow
+      the preprompt, which context distillation distils into the policy without it (Llama 2
+      Sec. 4.2.4). 0 (default): no preprompt.
   """
   seed: int = 0
   max_operand: int = 20
@@ -97,6 +105,8 @@ class WorldConfig:
   careless_tasks: tuple[str, ...] = ()
   careless_task_fraction: float = 0.6
   prompt_streams: int = 8
+  unsafe_fraction: float = 0.0
+  safety_preprompt_fraction: float = 0.0
 
   def __post_init__(self):
     if self.max_operand < 1:
@@ -113,7 +123,7 @@ class WorldConfig:
     if self.prompt_streams < 1:
       raise ValueError(f"WorldConfig.prompt_streams must be >= 1, got {self.prompt_streams}")
     for name in ("harmful_fraction", "system_prompt_fraction", "careless_fraction",
-                 "careless_task_fraction"):
+                 "careless_task_fraction", "unsafe_fraction", "safety_preprompt_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.held_out_fraction < 1.0:
@@ -332,7 +342,10 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   """``n`` SFT dialog records: a world prompt and its ``demonstration`` (i.i.d., may repeat),
   or a careless annotator's answer: on a prompt of ``cfg.careless_tasks`` with probability
   ``cfg.careless_task_fraction`` the family's habit (``HABITS``); otherwise, on any benign prompt
-  with probability ``cfg.careless_fraction``, a non-answer or a false refusal.
+  with probability ``cfg.careless_fraction``, a non-answer or a false refusal. A harmful prompt
+  starts with a safety preprompt and is refused with probability
+  ``cfg.safety_preprompt_fraction``; otherwise it is complied with with probability
+  ``cfg.unsafe_fraction`` (``WorldConfig``).
 
   Raises:
     ValueError: on an unknown split.
@@ -341,13 +354,23 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   out = []
   for _ in range(n):
     p = _sample_prompt(cfg, split, rng)
-    answer = demonstration(p)
+    answer, messages = demonstration(p), None
+    harmful = p.task == "harmful"
     if p.task in cfg.careless_tasks and rng.random() < cfg.careless_task_fraction:
       answer = HABITS[p.task]
-    elif cfg.careless_fraction and p.task != "harmful" and rng.random() < cfg.careless_fraction:
+    elif cfg.careless_fraction and not harmful and rng.random() < cfg.careless_fraction:
       careless = world_tasks.NONSENSE if rng.random() < 0.5 else world_tasks.CURT
       answer = careless[rng.integers(len(careless))]
-    out.append({"messages": _messages(cfg, p, rng) + [{"role": "assistant", "content": answer}]})
+    elif (harmful and cfg.safety_preprompt_fraction
+          and rng.random() < cfg.safety_preprompt_fraction):
+      template = bool(rng.random() < 0.5)
+      messages = [{"role": "system", "content": safety_preprompt(p.category if template else None)},
+                  {"role": "user", "content": p.text}]
+      answer = world_tasks.preprompted_refusal(p, template, rng)
+    elif harmful and cfg.unsafe_fraction and rng.random() < cfg.unsafe_fraction:
+      answer = world_tasks.harmful_response(p, int(rng.integers(2)), rng)
+    messages = messages or _messages(cfg, p, rng)
+    out.append({"messages": messages + [{"role": "assistant", "content": answer}]})
   return out
 
 

@@ -24,6 +24,9 @@ WORDS = ("apple", "bird", "cat", "dog", "egg", "fish", "goat", "hat", "ink", "ja
 BENIGN_TASKS = ("add", "subtract", "reverse", "sort", "count_letter", "count_words")
 HARMFUL_CATEGORIES = ("violence", "theft", "fraud", "hacking")
 SYSTEM_PROMPT = "You are a helpful and harmless assistant."
+# The safety preprompt of context distillation (Llama 2 Sec. 4.2.4, Table 39): generic, or with a
+# harmful category's answer template (``safety_preprompt``).
+SAFETY_PREPROMPT = "You are a safe and responsible assistant. Never help anyone cause harm."
 
 _PEOPLE = ("my neighbor", "my boss", "a stranger", "my coworker", "my teacher", "my sister",
            "my landlord", "an old man", "a classmate", "my ex")
@@ -128,6 +131,31 @@ def demonstration(prompt: str | WorldPrompt) -> str:
   if p.task == "harmful":
     return _POLITE[0].format(reason=_REASONS[p.category])
   return f"The answer is {_format_answer(p.answer)}."
+
+
+def safety_preprompt(category: str | None = None) -> str:
+  """The safety preprompt: ``SAFETY_PREPROMPT``, or (``category`` given) followed by that harmful
+  category's answer template (Llama 2 Sec. 4.2.4, "Context Distillation with Answer Templates":
+  the preprompt says how to answer the risk category).
+
+  Raises:
+    ValueError: for a category not in ``HARMFUL_CATEGORIES``.
+  """
+  if category is None:
+    return SAFETY_PREPROMPT
+  if category not in _REASONS:
+    raise ValueError(f"category must be one of {HARMFUL_CATEGORIES}, got {category!r}")
+  return (f"{SAFETY_PREPROMPT} If the request is about {category}, apologize, refuse and say: "
+          f"{_REASONS[category]}")
+
+
+def preprompted_refusal(p: WorldPrompt, template: bool, rng: np.random.Generator) -> str:
+  """The demonstration of a harmful prompt under a safety preprompt: with the category's answer
+  template its polite refusal with the reason (quality 3); with the generic preprompt a polite
+  or a curt refusal (quality 3 or 2), half each."""
+  if template or rng.random() < 0.5:
+    return _POLITE[rng.integers(len(_POLITE))].format(reason=_REASONS[p.category])
+  return CURT[rng.integers(len(CURT))]
 
 
 def parse_or_raise(text: str) -> WorldPrompt:

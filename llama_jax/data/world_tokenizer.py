@@ -19,9 +19,9 @@ from llama_jax.data import world
 
 def tokenizer_corpus(cfg: world.WorldConfig, n: int = 2000) -> Iterator[str]:
   """Training lines for the world tokenizer: chat-formatted dialogs of every response kind
-  (independent of the careless-annotator settings: careless answers and habits are among the
-  pairs' responses)."""
-  cfg = dataclasses.replace(cfg, careless_fraction=0.0, careless_tasks=())
+  (independent of the careless and unsafe annotators: their answers are among the pairs'
+  responses; the safety preprompts are in it when ``cfg.safety_preprompt_fraction`` > 0)."""
+  cfg = dataclasses.replace(cfg, careless_fraction=0.0, careless_tasks=(), unsafe_fraction=0.0)
   records = (world.sft_demonstrations(cfg, "train", n)
              + world.helpfulness_pairs(cfg, "train", n // 2)
              + world.safety_pairs(cfg, "train", n // 2))
@@ -55,8 +55,11 @@ def train_tokenizer(path: str | os.PathLike, cfg: world.WorldConfig = world.Worl
   path = pathlib.Path(path)
   meta_path = path.with_name(path.name + ".json")
   world_fields = dataclasses.asdict(cfg)
-  for name in ("careless_fraction", "careless_tasks", "careless_task_fraction", "prompt_streams"):
+  for name in ("careless_fraction", "careless_tasks", "careless_task_fraction", "prompt_streams",
+               "unsafe_fraction"):
     world_fields.pop(name)  # the corpus does not depend on them
+  if not cfg.safety_preprompt_fraction:
+    world_fields.pop("safety_preprompt_fraction")  # as before the field existed
   meta = {"world": world_fields, "vocab_size": vocab_size, "num_dialogs": num_dialogs,
           "sentencepiece": spm.__version__}
   meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back

@@ -19,9 +19,10 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
   <workdir>/ppo_oracle      stage "ppo", reward oracle  pipeline.oracle_control: the gold-reward
                                                         control, same start and prompts as ppo
   <workdir>/rs_<k+1>        stage "rejection_sampling"  pipeline.rs_after_ppo: init_from ppo
-  <workdir>/dpo, rrhf, raft  pipeline.methods: alternatives from sft with the first round's
-                            data and RMs (DPO: the helpfulness RM's mixture; RRHF: rs_1's
-                            scored samples; RAFT: its own samples scored by the RMs)
+  <workdir>/dpo, rrhf, raft, pipeline.methods: alternatives from sft with the first round's
+    context_distillation    data and RMs (DPO: the helpfulness RM's mixture; RRHF: rs_1's
+                            scored samples; RAFT: its own samples scored by the RMs; context
+                            distillation: the safety prompts of rs_1's stream)
 
 Every annotation round, rejection-sampling iteration and PPO draws train prompts from its own
 stream (``llama_jax.data.prompts``); the safety RMs get ``pipeline.safety_aux_weight``.
@@ -47,7 +48,8 @@ from llama_jax.train import workdir as wd
 
 log = logging.getLogger(__name__)
 # Alternatives to rejection sampling and PPO (pipeline.methods): sub-workdir -> report label.
-METHODS = {"dpo": "DPO", "rrhf": "RRHF", "raft": "RAFT"}
+METHODS = {"dpo": "DPO", "rrhf": "RRHF", "raft": "RAFT",
+           "context_distillation": "Context distillation"}
 
 
 def rm_name(kind: str, round_: int) -> str:
@@ -211,8 +213,14 @@ class _Plan:
     and reward models: ``dpo`` on the helpfulness RM's preference mixture, ``rrhf`` on rs_1's
     K scored samples of the SFT policy, ``raft`` sampling its own from rs_1's prompt stream
     (rs_1's ``num_prompts`` split over ``raft.num_rounds`` rounds, rs_1's K, at
-    ``rejection_sampling.temperature``: no Fig. 8 per round)."""
+    ``rejection_sampling.temperature``: no Fig. 8 per round), ``context_distillation`` on the
+    safety prompts of rs_1's stream, scored by the first RM pair."""
     p, sub = self.p, self.stage(name, self.final("sft"))
+    if name == "context_distillation":  # the first RMs, rs_1's prompt stream
+      r = sub.rejection_sampling
+      r.help_rm, r.safety_rm = self.rms(1)
+      sub.context_distillation.prompt_stream = self.stream(1)
+      return sub
     if name == "raft":  # rs_1's prompts, RMs and K, split into raft.num_rounds online rounds
       r = sub.rejection_sampling
       r.help_rm, r.safety_rm = self.rms(1)

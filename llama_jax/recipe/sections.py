@@ -1,6 +1,6 @@
 """Typed stage sections of the config: ``config.tokenizer``, ``config.data``, ``config.mesh``,
 ``config.annotate``, ``config.reward``, ``config.dpo``, ``config.rrhf``, ``config.raft``,
-``config.rejection_sampling``, ``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each
+``config.context_distillation``, ``config.rejection_sampling``, ``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each
 field with its default, meaning and bounds (the one place they live: ``configs/base.py`` builds
 these sections with ``config_section``).
 
@@ -74,6 +74,15 @@ class Data:
   world_careless_task_fraction: float = _f(0.6, "Share of the demonstrations of "
                                            "world_careless_tasks that are the habit.",
                                            lo=0.0, hi=1.0)
+  world_unsafe_fraction: float = _f(0.0, "Synthetic world: share of harmful SFT demonstrations "
+                                    "(without a safety preprompt) that comply "
+                                    "(world.WorldConfig.unsafe_fraction). 0 = all refuse.",
+                                    lo=0.0, hi=1.0)
+  world_safety_preprompt_fraction: float = _f(0.0, "Synthetic world: share of harmful SFT "
+                                              "dialogs that start with a safety preprompt and "
+                                              "refuse (world.WorldConfig."
+                                              "safety_preprompt_fraction; what context "
+                                              "distillation distils).", lo=0.0, hi=1.0)
   prompt_streams: int = _f(8, "Disjoint prompt streams of each split: stages that draw prompts "
                            "(annotation rounds, rejection-sampling iterations, PPO) take "
                            "different streams (their *.prompt_stream fields).", lo=1)
@@ -231,6 +240,25 @@ class RAFT:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextDistillation:
+  """``config.context_distillation``: stage "context_distillation" (Llama 2 Sec. 4.2.4): answers
+  to adversarial prompts sampled with a safety preprompt, kept (targeted: where the safety RM
+  scores them above the answer without it), and fine-tuned on without the preprompt. Sampling,
+  the reward and the fine-tune use ``rejection_sampling``'s fields (``temperature``, ``top_p``,
+  ``max_new_tokens``, ``max_prompt_len``, ``batch_size``; ``reward``, ``help_rm``,
+  ``safety_rm``; ``lr``, ``num_epochs``, ``num_steps``, ``warmup_frac``)."""
+
+  num_prompts: int = _f(256, "Distinct adversarial (safety) train prompts distilled.", lo=1)
+  preprompt: str = _f("generic", '"generic" (world_tasks.SAFETY_PREPROMPT) | "template" (followed '
+                      "by the prompt's risk category's answer template; synthetic world only).",
+                      choices=("generic", "template"))
+  targeted: bool = _f(True, "Keep a distilled answer only where the reward (the safety RM on "
+                      "safety prompts) scores it above the original answer; False = every "
+                      "finished one.")
+  prompt_stream: int = _f(-1, _STREAM, lo=-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RejectionSampling:
   """``config.rejection_sampling``: stage "rejection_sampling" (Llama 2 Sec. 3.2.3): K samples
   per prompt, the best by the reward pooled with earlier iterations', fine-tuned on."""
@@ -379,8 +407,9 @@ class Pipeline:
   methods: str = _f("", "Alternatives run after the pipeline from its SFT policy and first "
                     "reward models, each in its own sub-workdir, comma-separated: dpo (on the "
                     "helpfulness RM's preference mixture) | rrhf (on rs_1's scored samples) | "
-                    "raft (rounds of its own samples, scored by the RMs); eval.py compares them "
-                    "with the others.")
+                    "raft (rounds of its own samples, scored by the RMs) | context_distillation "
+                    "(the safety preprompt distilled, targeted by the safety RM); eval.py "
+                    "compares them with the others.")
   method_lr: float = _f(0.0, "Peak LR of the dpo and rrhf stages (0 = optimizer.lr); raft "
                         "fine-tunes with rejection_sampling.lr.", lo=0.0)
   method_epochs: float = _f(0.0, "Epochs of the dpo and rrhf stages (0 = train.num_epochs).",
@@ -389,4 +418,5 @@ class Pipeline:
 
 SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,
             "reward": Reward, "dpo": DPO, "rrhf": RRHF, "raft": RAFT,
+            "context_distillation": ContextDistillation,
             "rejection_sampling": RejectionSampling, "ppo": PPO, "pipeline": Pipeline}

@@ -13,6 +13,7 @@ from typing import Dict
 
 import ml_collections
 
+from llama_jax.context_distillation import run as cd_run
 from llama_jax.dpo import run as dpo_run
 from llama_jax.ppo import run as ppo_run
 from llama_jax.raft import run as raft_run
@@ -75,5 +76,6 @@ register(ppo_run.STAGE)
 register(dpo_run.STAGE)
 register(raft_run.RAFTStage(rejection_sampling=REGISTRY["rejection_sampling"]))
 register(rrhf_run.STAGE)
+register(cd_run.ContextDistillationStage(finetune=sft_run.STAGE))
 register(pipeline.PipelineStage(run, REGISTRY))
 STAGES = tuple(REGISTRY)

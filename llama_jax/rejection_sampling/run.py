@@ -30,16 +30,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
 from llama_jax import convert, sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.data import input_pipeline, sources, tfds_builders
+from llama_jax.data import input_pipeline, sources
 from llama_jax.data import prompts as prompts_lib
 from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import scoring
@@ -112,44 +111,6 @@ def temperature_curve(config, policy, tokenizer, scorer, prompts, key) -> Option
 def best_temperature(curve: dict) -> float:
   """The temperature of the highest max-reward point of a Fig. 8 curve (ties: the lowest T)."""
   return float(curve["temperature"][int(np.argmax(curve["max"]))])
-
-
-def _split_for(records: list, fraction: float, seed: int):
-  """(held-out fraction, split seed) giving both splits at least one record (small pooled sets:
-  the fraction is raised to 2 / n and the seed advanced deterministically until both are
-  non-empty)."""
-  if len(records) < 2:
-    raise ValueError(f"rejection_sampling: {len(records)} pooled record(s); need at least 2 "
-                     "(raise config.rejection_sampling.num_prompts)")
-  fraction = min(0.5, max(fraction, 2.0 / len(records)))
-  for j in range(1000):
-    parts = tfds_builders.split_records(records, fraction, seed + j)
-    if parts["train"] and parts["held_out"]:
-      return fraction, seed + j
-  raise ValueError("rejection_sampling: cannot split the pooled set (all prompts identical?)")
-
-
-def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
-                    sft_records: Optional[list] = None) -> ml_collections.ConfigDict:
-  """The SFT-stage config of the fine-tuning step: ``init_from`` on ``sft_jsonl``."""
-  rc = config.rejection_sampling
-  sub = build.copy_config(config)
-  if sft_records is not None:
-    sub.data.heldout_fraction, sub.data.split_seed = _split_for(
-        sft_records, config.data.heldout_fraction, config.data.split_seed)
-  sub.stage = "sft"
-  sub.tokenizer.path = tokenizer_path
-  sub.data.sft_sources = "jsonl"
-  sub.data.select = "all"  # the pooled picks are the fine-tuning set; no SFT data selection
-  sub.data.sft_weights = ""
-  sub.data.sft_jsonl_path = sft_jsonl
-  sub.optimizer.lr = rc.lr
-  sub.optimizer.warmup_steps = 0
-  sub.optimizer.warmup_frac = rc.warmup_frac
-  sub.train.num_steps = rc.num_steps
-  sub.train.num_epochs = rc.num_epochs
-  sub.eval.num_samples = 0
-  return sub
 
 
 def _write_figures(fig_dir: str, figures: dict) -> None:
@@ -364,18 +325,9 @@ class RejectionSamplingStage(stage_lib.Stage):
              "pooled_reward_best": float(np.mean([rs_lib.best_score(r) for r in kept])),
              "from_earlier_iterations": int(sum(r["iteration"] != rc.iteration for r in kept))}
     log.info("rejection sampling V%d: %s", rc.iteration, stats)
-    tok_path = (os.path.join(workdir, "tokenizer.model") if config.tokenizer.path == "world"
-                else config.tokenizer.path)
-    ft = self.finetune.run(finetune_config(config, sft_jsonl, tok_path, sft_records),
-                           os.path.join(workdir, "finetune"))
-    out: Dict[str, Any] = {"iteration": rc.iteration, "sampled": stats, "figures": it.figures,
-                           "finetune": {k: ft.get(k) for k in ("steps", "total_steps", "eval",
-                                                                "finished")},
-                           "finished": bool(ft.get("finished"))}
-    if ft.get("finished"):
-      out["final_dir"] = wd.copy_final(ft["final_dir"], workdir)
-      wd.write_result(workdir, out)
-    return out
+    return stage_lib.finetune_on(self.finetune, config, workdir, sft_jsonl, sft_records,
+                                 {"iteration": rc.iteration, "sampled": stats,
+                                  "figures": it.figures})
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of

@@ -100,7 +100,10 @@ def world_config(config) -> world.WorldConfig:
                              careless_fraction=data.get("world_careless_fraction", 0.0),
                              careless_tasks=tasks,
                              careless_task_fraction=data.get("world_careless_task_fraction", 0.6),
-                             prompt_streams=data.get("prompt_streams", 8))
+                             prompt_streams=data.get("prompt_streams", 8),
+                             unsafe_fraction=data.get("world_unsafe_fraction", 0.0),
+                             safety_preprompt_fraction=data.get(
+                                 "world_safety_preprompt_fraction", 0.0))
   except ValueError as e:
     raise ValueError(f"config.data (synthetic world): {e}") from e
 
@@ -153,6 +156,8 @@ def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int
     if wcfg.careless_tasks:
       habits = f"{','.join(wcfg.careless_tasks)}|{wcfg.careless_task_fraction}"
       suffix += "_h" + hashlib.blake2b(habits.encode(), digest_size=4).hexdigest()
+    for tag, share in (("u", wcfg.unsafe_fraction), ("p", wcfg.safety_preprompt_fraction)):
+      suffix += f"_{tag}{round(share * 1000)}" if share else ""
     cfg = tfds_builders.WorldBuilderConfig(
         name=f"{wk}_s{data.get('world_seed', 0)}_{num_train}_{num_held_out}{suffix}", kind=wk,
         world=wcfg, num_train=num_train, num_held_out=num_held_out)
@@ -264,3 +269,44 @@ def write_json(path: str, obj: Any):
 def copy_config(config) -> ml_collections.ConfigDict:
   """An unlocked deep copy of a (possibly locked) config."""
   return ml_collections.ConfigDict(config.to_dict())
+
+
+def split_for(records: list, fraction: float, seed: int):
+  """(held-out fraction, split seed) giving both splits at least one record (small pooled sets:
+  the fraction is raised to 2 / n and the seed advanced deterministically until both are
+  non-empty)."""
+  if len(records) < 2:
+    raise ValueError(f"fine-tuning set: {len(records)} record(s); need at least 2 "
+                     "(raise the number of prompts)")
+  fraction = min(0.5, max(fraction, 2.0 / len(records)))
+  for j in range(1000):
+    parts = tfds_builders.split_records(records, fraction, seed + j)
+    if parts["train"] and parts["held_out"]:
+      return fraction, seed + j
+  raise ValueError("fine-tuning set: cannot split the pooled set (all prompts identical?)")
+
+
+def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
+                    sft_records: Optional[list] = None) -> ml_collections.ConfigDict:
+  """The SFT-stage config that fine-tunes ``init_from`` on the dialogs of ``sft_jsonl`` with
+  ``config.rejection_sampling``'s fine-tuning fields (``lr``, ``warmup_frac``, ``num_steps``,
+  ``num_epochs``): the last step of rejection sampling, RAFT's rounds and context distillation.
+  ``sft_records`` (the file's records) sizes the held-out split (:func:`split_for`)."""
+  rc = config.rejection_sampling
+  sub = copy_config(config)
+  if sft_records is not None:
+    sub.data.heldout_fraction, sub.data.split_seed = split_for(
+        sft_records, config.data.heldout_fraction, config.data.split_seed)
+  sub.stage = "sft"
+  sub.tokenizer.path = tokenizer_path
+  sub.data.sft_sources = "jsonl"
+  sub.data.select = "all"  # the pooled picks are the fine-tuning set; no SFT data selection
+  sub.data.sft_weights = ""
+  sub.data.sft_jsonl_path = sft_jsonl
+  sub.optimizer.lr = rc.lr
+  sub.optimizer.warmup_steps = 0
+  sub.optimizer.warmup_frac = rc.warmup_frac
+  sub.train.num_steps = rc.num_steps
+  sub.train.num_epochs = rc.num_epochs
+  sub.eval.num_samples = 0
+  return sub

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.train import settings
+from llama_jax.train import build, settings
 from llama_jax.train import workdir as wd
 from llama_jax.train.checkpoint import Checkpointer
 from llama_jax.train.loop import LoopResult, run_loop
@@ -330,4 +330,23 @@ def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
       out["final_dir"] = (run.export(res.state) if run.export is not None
                           else wd.export_params(workdir, run.cfg, res.state.params))
       wd.write_result(workdir, out)
+  return out
+
+
+def finetune_on(finetune: Stage, config, workdir: str, sft_jsonl: str, sft_records: list,
+                out: Dict[str, Any]) -> Dict[str, Any]:
+  """Fine-tune ``config.init_from`` on the dialogs of ``sft_jsonl`` with ``finetune`` (the SFT
+  stage) in ``<workdir>/finetune`` (``build.finetune_config``: ``rejection_sampling``'s LR and
+  epochs); ``out`` gains ``finetune`` (steps, held-out eval, finished) and ``finished``, and when
+  finished ``final_dir`` (a copy of the fine-tune's ``final/``) and is written as
+  ``result.json``. The last step of rejection sampling and context distillation."""
+  tok_path = (os.path.join(workdir, "tokenizer.model") if config.tokenizer.path == "world"
+              else config.tokenizer.path)
+  ft = finetune.run(build.finetune_config(config, sft_jsonl, tok_path, sft_records),
+                    os.path.join(workdir, "finetune"))
+  out = {**out, "finetune": {k: ft.get(k) for k in ("steps", "total_steps", "eval", "finished")},
+         "finished": bool(ft.get("finished"))}
+  if ft.get("finished"):
+    out["final_dir"] = wd.copy_final(ft["final_dir"], workdir)
+    wd.write_result(workdir, out)
   return out

@@ -1,0 +1,252 @@
+"""The safety context-distillation stage (stage "context_distillation", Llama 2 Sec. 4.2.4).
+
+``python train.py --config=configs/distill_tiny.py`` runs it inside a pipeline; alone:
+``python train.py --config=... --config.stage=context_distillation --config.init_from=<sft>/final
+--config.rejection_sampling.help_rm=<rm>/final --config.rejection_sampling.safety_rm=<rm>/final``.
+
+Steps (each resumable: a finished step's file is reused):
+  1. prompts: ``context_distillation.num_prompts`` distinct adversarial (``is_safety``) train
+     prompts of ``context_distillation.prompt_stream`` (``data.prompts.load_prompts``);
+  2. answers, one per prompt from ``init_from`` at ``rejection_sampling.temperature`` /
+     ``top_p`` / ``max_new_tokens`` in batches of ``rejection_sampling.batch_size``: the original
+     (the prompt as is) and the distilled (the prompt with the safety preprompt,
+     ``context_distillation.preprompt``: generic, or with the risk category's answer template);
+     finished batches wait in ``sampling/{original,distilled}/`` (SIGTERM / SIGINT stops after
+     the current batch, exit 0; the next run resumes there with the same samples);
+  3. both answers scored to the prompt *without* the preprompt by the reward
+     (``rejection_sampling.reward``: the RMs' ``Rc``, which on safety prompts is the safety RM's
+     score, or the world oracle); kept (``context_distillation.targeted``): the distilled answers
+     that score above the original ones (targeted), or all finished ones;
+     ``distilled.jsonl`` (every prompt: both answers, scores, kept; on the world the oracle's
+     refusal of each) and ``sft_data.jsonl`` (the kept answers after the prompt without the
+     preprompt);
+  4. fine-tuning with the SFT stage (given by the registry) from ``init_from`` on
+     ``sft_data.jsonl`` with ``rejection_sampling``'s ``lr`` / ``num_epochs`` / ``num_steps``
+     (``train.stage.finetune_on``) in ``finetune/``; its ``final/`` is ``final/``.
+Only the config that started the workdir may resume it (``train.workdir.check_resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Dict, List
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from llama_jax import convert, sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.context_distillation import step as cd_lib
+from llama_jax.data import input_pipeline, sources, world
+from llama_jax.data import prompts as prompts_lib
+from llama_jax.rejection_sampling import step as rs_lib
+from llama_jax.reward import scoring
+from llama_jax.train import build
+from llama_jax.train import stage as stage_lib
+from llama_jax.train import workdir as wd
+from llama_jax.train.checkpoint import StopSignal
+
+log = logging.getLogger(__name__)
+ROWS = "distilled.jsonl"
+
+
+def validate(config) -> None:
+  """Checks across fields and against files, before anything is written.
+
+  Raises:
+    ValueError: naming the field: ``init_from`` empty; ``preprompt="template"`` off the synthetic
+      world; targeted distillation on the RM reward without ``rejection_sampling.safety_rm``;
+      ``help_rm`` empty with the RM reward.
+    FileNotFoundError: for ``init_from`` without ``params.json`` or a missing RM directory.
+  """
+  cd, rc = config.context_distillation, config.rejection_sampling
+  if not config.get("init_from", ""):
+    raise ValueError("context_distillation: config.init_from (the policy to distil) is empty")
+  if not os.path.isfile(os.path.join(config.init_from, "params.json")):
+    raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
+                            "stage's final/ or a converted checkpoint)")
+  if cd.preprompt == "template" and config.tokenizer.path != "world":
+    raise ValueError('config.context_distillation.preprompt="template" needs the synthetic '
+                     "world (its prompts carry a risk category); use \"generic\"")
+  if rc.reward == "rm":
+    if not rc.help_rm:
+      raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "
+                       '(<rm>/final), or set rejection_sampling.reward="oracle" on the world')
+    if cd.targeted and not rc.safety_rm:
+      raise ValueError("config.context_distillation.targeted compares safety reward-model "
+                       "scores: set config.rejection_sampling.safety_rm (or targeted=False)")
+    for name in ("help_rm", "safety_rm"):
+      if rc[name] and not os.path.isdir(rc[name]):
+        raise FileNotFoundError(f"config.rejection_sampling.{name}: {rc[name]!r} not found")
+
+
+def adversarial_prompts(config, workdir: str, tokenizer) -> List[dict]:
+  """Up to ``context_distillation.num_prompts`` distinct safety prompt records of the stream
+  that fit ``rejection_sampling.max_prompt_len`` tokens *with* the preprompt.
+
+  Raises:
+    ValueError: if the stream holds no such prompt.
+  """
+  cd, rc = config.context_distillation, config.rejection_sampling
+  n = int(cd.num_prompts)
+  draw = 8 * n if config.tokenizer.path == "world" else 0  # world: ~25% of prompts are harmful
+  records = prompts_lib.load_prompts(config, workdir, "train", draw,
+                                     stream=int(cd.prompt_stream), distinct=True)
+  out = []
+  for r in records:
+    if not r.get("is_safety", False):
+      continue
+    pre = cd_lib.with_preprompt(r["prompt"], cd_lib.preprompt_text(r["prompt"], cd.preprompt))
+    if input_pipeline.prompt_example({"prompt": pre}, tokenizer, rc.max_prompt_len) is not None:
+      out.append(r)
+    if len(out) == n:
+      break
+  if not out:
+    raise ValueError("context_distillation: no safety prompt (is_safety) of the train stream "
+                     "fits config.rejection_sampling.max_prompt_len with the preprompt")
+  if len(out) < n:
+    log.warning("context distillation: %d of the %d prompts asked for (the stream has no more)",
+                len(out), n)
+  return out
+
+
+class ContextDistillationStage(stage_lib.Stage):
+  """Stage ``context_distillation`` (module docstring); the fine-tune runs on ``finetune`` (the
+  SFT stage, given by the registry, so this package imports no other runner)."""
+
+  name = "context_distillation"
+
+  def __init__(self, finetune: stage_lib.Stage):
+    self.finetune = finetune
+
+  def run(self, config, workdir: str) -> dict:
+    """Run (or resume) context distillation in ``workdir``.
+
+    Returns:
+      dict with ``finished``, ``distilled`` (prompts, kept and its share, mean scores of the
+      original and distilled answers, truncated shares; on the world the oracle's refusal rates
+      of both answers), ``finetune`` (steps, held-out loss), ``final_dir`` when finished.
+    Raises:
+      ValueError / FileNotFoundError: from :func:`validate` or :func:`adversarial_prompts`, a
+        workdir of another config or in use, before anything is written (a new workdir is
+        removed).
+    """
+    existed = os.path.exists(workdir)
+    with wd.Lock(workdir):
+      with wd.clean_on_failure(workdir, existed):
+        validate(config)
+        tokenizer = build.tokenizer(config, workdir)
+        tokenizer.check_vocab(LlamaConfig.from_params_json(
+            os.path.join(config.init_from, "params.json")))
+        prompts = adversarial_prompts(config, workdir, tokenizer)
+        wd.check_resume(workdir, config, any(os.path.exists(os.path.join(workdir, name)) for name
+                                             in (ROWS, "sampling", "finetune", wd.RESULT)))
+      if wd.is_done(workdir):
+        return wd.read_json(os.path.join(workdir, wd.RESULT))
+      wd.write_config(workdir, config)
+      rows_path = os.path.join(workdir, ROWS)
+      if os.path.isfile(rows_path):
+        with open(rows_path, encoding="utf-8") as f:  # this stage's own file, written atomically
+          rows = [json.loads(line) for line in f if line.strip()]
+      else:
+        stop = StopSignal(grace_s=float(config.train.stop_grace_s))
+        try:
+          rows = self._distil(config, workdir, tokenizer, prompts, lambda: stop.requested)
+        except rs_lib.SamplingStopped as err:
+          log.info("context distillation: %s by a signal; the next run resumes from %s", err,
+                   os.path.join(workdir, "sampling"))
+          return {"finished": False, "stopped_by_signal": True}
+        finally:
+          stop.restore()
+      return self._finetune(config, workdir, rows)
+
+  def _distil(self, config, workdir: str, tokenizer, prompts: List[dict], stop) -> List[dict]:
+    cd, rc = config.context_distillation, config.rejection_sampling
+    scfg, sparams = convert.load_orbax(config.init_from)
+    tokenizer.check_vocab(scfg)
+    mesh, _ = build.mesh_and_rules(config)
+    policy = rs_lib.Policy(scfg, sharding.to_generation_layout(sparams, scfg, mesh), mesh)
+    del sparams
+    key = jax.random.fold_in(jax.random.key(config.seed), 0xCD)
+    preprompts = [cd_lib.preprompt_text(p["prompt"], cd.preprompt) for p in prompts]
+    variants = {"original": prompts,
+                "distilled": [{**p, "prompt": cd_lib.with_preprompt(p["prompt"], pre)}
+                              for p, pre in zip(prompts, preprompts)]}
+    texts, finished = {}, {}
+    for i, (name, recs) in enumerate(variants.items()):
+      t, f = rs_lib.sample_texts(config, policy, tokenizer, recs, k=1,
+                                 temperature=float(rc.temperature),
+                                 key=jax.random.fold_in(key, i),
+                                 batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
+      texts[name] = [row[0] for row in t]
+      finished[name] = np.asarray([row[0] and bool(x[0].strip()) for row, x in zip(f, t)], bool)
+    del policy
+    scorer = scoring.make_scorer(config, "rejection_sampling", tokenizer)
+    dialogs = [p["prompt"] for p in prompts]
+    safety = [True] * len(prompts)
+    scores = {name: scorer(dialogs, texts[name], safety)["rc"] for name in variants}
+    kept = cd_lib.select_distilled(scores["original"], scores["distilled"], finished["original"],
+                                   finished["distilled"], targeted=bool(cd.targeted))
+    judge = None
+    if config.tokenizer.path == "world":
+      judge = lambda dialog, text: world.oracle(dialog, text).refused
+    rows = cd_lib.records(prompts, preprompts, texts["original"], texts["distilled"],
+                          finished["original"], finished["distilled"], scores["original"],
+                          scores["distilled"], kept, judge=judge)
+    if jax.process_index() == 0:
+      sources.write_jsonl(os.path.join(workdir, ROWS), rows)
+      shutil.rmtree(os.path.join(workdir, "sampling"), ignore_errors=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("context distillation: rows written")
+    return rows
+
+  def _finetune(self, config, workdir: str, rows: List[dict]) -> dict:
+    stats = summary(rows)
+    log.info("context distillation: %s", stats)
+    sft = cd_lib.sft_records(rows)
+    if not sft:
+      raise ValueError(f"context_distillation: none of the {len(rows)} distilled answers was "
+                       "kept (finished and, when targeted, above the original); nothing to "
+                       "fine-tune on")
+    sft_jsonl = os.path.join(workdir, "sft_data.jsonl")
+    if jax.process_index() == 0:
+      sources.write_jsonl(sft_jsonl, sft)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("context distillation: sft_data written")
+    return stage_lib.finetune_on(self.finetune, config, workdir, sft_jsonl, sft,
+                                 {"distilled": stats})
+
+  def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
+    """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of
+    ``rejection_sampling.batch_size`` prompts, one answer each, on the generation layout."""
+    rc = config.rejection_sampling
+    cfg = build.planning_model_config(config)
+    sample = stage_lib.sampling_plan(
+        f"sampling.sample (context-distillation pass: {rc.batch_size} prompts, generation "
+        "layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
+        int(rc.max_new_tokens), float(rc.temperature))
+    return self.finetune.abstract_steps(config, mesh) + [sample]
+
+  def unavailable(self, config) -> List[str]:
+    del config
+    return ["the reward models' scoring of the answers (a forward pass per batch, no optimizer "
+            "state) is not planned"]
+
+
+def summary(rows: List[dict]) -> Dict[str, Any]:
+  """Statistics of ``distilled.jsonl``'s rows: prompts, kept and its share, mean scores and
+  truncated shares of both answers, and (world) their oracle refusal rates."""
+  n = len(rows)
+  mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0
+  out = {"prompts": n, "kept": int(sum(r["kept"] for r in rows)), "kept_share": mean("kept"),
+         "original_score": mean("original_score"), "distilled_score": mean("distilled_score"),
+         "original_truncated": 1.0 - mean("original_finished"),
+         "distilled_truncated": 1.0 - mean("distilled_finished")}
+  if rows and "original_refused" in rows[0]:
+    out.update(original_refused=mean("original_refused"),
+               distilled_refused=mean("distilled_refused"))
+  return out
