@@ -25,7 +25,7 @@ from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import scoring
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import settings
-from train_helpers import assert_same_run, rl_workdir, tiny_rl_models
+from train_helpers import assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config
 
 
 # ---- selection -----------------------------------------------------------------------------------
@@ -127,18 +127,8 @@ def short_preprompt(monkeypatch):
 def make_config(models, **fields):
   """8 adversarial prompts in batches of 4 (two generation batches per variant), 8-token
   answers, one fine-tuning step on the tiny random policy and RMs."""
-  c = tiny.get_config()
-  c.stage = "context_distillation"
-  c.init_from = str(models / "policy")
-  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
-  c.model.multiple_of, c.model.max_seq_len = 16, 128
-  c.tokenizer.world_vocab_size = 320
-  c.data.max_seq_len, c.data.batch_size = 128, 4
-  c.train.async_checkpoint = False
-  r = c.rejection_sampling
-  r.help_rm, r.safety_rm = str(models / "help"), str(models / "safe")
-  r.max_new_tokens, r.max_prompt_len, r.batch_size = 8, 112, 4
-  r.num_steps, r.lr = 1, 1e-3
+  c = tiny_sampling_config(models, "context_distillation")
+  c.rejection_sampling.max_prompt_len, c.rejection_sampling.batch_size = 112, 4
   c.context_distillation.num_prompts = 8
   c.context_distillation.update(fields)
   return c

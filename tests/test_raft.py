@@ -22,7 +22,7 @@ from llama_jax.raft import step as raft
 from llama_jax.recipe import dry_run, sections, stages
 from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.train import settings
-from train_helpers import assert_same_run, rl_workdir, tiny_rl_models
+from train_helpers import assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config
 
 
 # ---- selection ---------------------------------------------------------------------------------
@@ -116,18 +116,10 @@ def models(tmp_path_factory):
 def make_config(models, **raft_fields):
   """2 rounds x 4 prompts x K=3 (two generation batches per round), 8-token samples, one
   fine-tuning step per round on the tiny random policy and RMs."""
-  c = tiny.get_config()
-  c.stage = "raft"
-  c.init_from = str(models / "policy")
-  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
-  c.model.multiple_of, c.model.max_seq_len = 16, 128
-  c.tokenizer.world_vocab_size = 320
-  c.data.max_seq_len, c.data.batch_size = 128, 4
-  c.train.async_checkpoint = False
+  c = tiny_sampling_config(models, "raft")
   r = c.rejection_sampling
-  r.help_rm, r.safety_rm = str(models / "help"), str(models / "safe")
-  r.num_prompts, r.k, r.max_new_tokens, r.max_prompt_len, r.batch_size = 4, 3, 8, 96, 2
-  r.num_steps, r.lr, r.auto_temperature, r.plot_prompts = 1, 1e-3, False, 0
+  r.num_prompts, r.k, r.max_prompt_len, r.batch_size = 4, 3, 96, 2
+  r.auto_temperature, r.plot_prompts = False, 0
   c.raft.num_rounds = 2
   for k, v in raft_fields.items():
     c.raft[k] = v

@@ -124,6 +124,24 @@ def tiny_ppo_config(models, **ppo):
   return c
 
 
+def tiny_sampling_config(models, stage: str):
+  """A config of ``stage`` that samples the policy of ``tiny_rl_models(models)``, scores with its
+  RMs (``config.rejection_sampling``: 8-token samples) and fine-tunes one step at LR 1e-3 on
+  128-token rows (RAFT and context-distillation tests)."""
+  c = tiny.get_config()
+  c.stage = stage
+  c.init_from = str(models / "policy")
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
+  c.model.multiple_of, c.model.max_seq_len = 16, 128
+  c.tokenizer.world_vocab_size = PPO_VOCAB
+  c.data.max_seq_len, c.data.batch_size = 128, 4
+  c.train.async_checkpoint = False
+  r = c.rejection_sampling
+  r.help_rm, r.safety_rm = str(models / "help"), str(models / "safe")
+  r.max_new_tokens, r.num_steps, r.lr = 8, 1, 1e-3
+  return c
+
+
 def rl_workdir(models, tmp_path, name):
   """``tmp_path/name`` holding the models' world tokenizer (so a PPO run does not retrain it)."""
   work = tmp_path / name

@@ -64,24 +64,13 @@ def validate(config) -> None:
     FileNotFoundError: for ``init_from`` without ``params.json`` or a missing RM directory.
   """
   cd, rc = config.context_distillation, config.rejection_sampling
-  if not config.get("init_from", ""):
-    raise ValueError("context_distillation: config.init_from (the policy to distil) is empty")
-  if not os.path.isfile(os.path.join(config.init_from, "params.json")):
-    raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
-                            "stage's final/ or a converted checkpoint)")
+  build.check_sampling_inputs(config, "context_distillation", "the policy to distil")
   if cd.preprompt == "template" and config.tokenizer.path != "world":
     raise ValueError('config.context_distillation.preprompt="template" needs the synthetic '
                      "world (its prompts carry a risk category); use \"generic\"")
-  if rc.reward == "rm":
-    if not rc.help_rm:
-      raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "
-                       '(<rm>/final), or set rejection_sampling.reward="oracle" on the world')
-    if cd.targeted and not rc.safety_rm:
-      raise ValueError("config.context_distillation.targeted compares safety reward-model "
-                       "scores: set config.rejection_sampling.safety_rm (or targeted=False)")
-    for name in ("help_rm", "safety_rm"):
-      if rc[name] and not os.path.isdir(rc[name]):
-        raise FileNotFoundError(f"config.rejection_sampling.{name}: {rc[name]!r} not found")
+  if rc.reward == "rm" and cd.targeted and not rc.safety_rm:
+    raise ValueError("config.context_distillation.targeted compares safety reward-model "
+                     "scores: set config.rejection_sampling.safety_rm (or targeted=False)")
 
 
 def adversarial_prompts(config, workdir: str, tokenizer) -> List[dict]:

@@ -10,7 +10,7 @@ without the preprompt), so answers that were already good are not replaced by va
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -77,9 +77,12 @@ def select_distilled(original_scores, distilled_scores, original_finished, disti
   return fd & (~fo | (sd > so))
 
 
+Judge = Callable[[Sequence[Mapping[str, str]], str], bool]
+
+
 def records(prompts: Sequence[Mapping], preprompts: Sequence[str], original: Sequence[str],
             distilled: Sequence[str], original_finished, distilled_finished, original_scores,
-            distilled_scores, kept, judge: Optional[callable] = None) -> List[dict]:
+            distilled_scores, kept, judge: Optional[Judge] = None) -> List[dict]:
   """The rows of ``distilled.jsonl``, one per prompt record (``{"prompt", "is_safety"}``): the
   prompt (without the preprompt), the preprompt, both answers, their finished flags and scores,
   ``kept``; with ``judge`` (``(dialog, text) -> bool``, e.g. the world oracle's refusal) also

@@ -69,11 +69,7 @@ def validate(config) -> None:
     FileNotFoundError: for ``init_from`` without ``params.json`` or a missing RM directory.
   """
   rc, raft = config.rejection_sampling, config.raft
-  if not config.get("init_from", ""):
-    raise ValueError("raft: config.init_from (the policy of round 1) is empty")
-  if not os.path.isfile(os.path.join(config.init_from, "params.json")):
-    raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
-                            "stage's final/ or a converted checkpoint)")
+  build.check_sampling_inputs(config, "raft", "the policy of round 1")
   if int(raft.num_rounds) < 1:
     raise ValueError(f"config.raft.num_rounds must be >= 1, got {raft.num_rounds}")
   keep = float(raft.keep_fraction)
@@ -95,13 +91,6 @@ def validate(config) -> None:
   if rc.get("auto_temperature", False):
     raise ValueError("config.rejection_sampling.auto_temperature must be False for RAFT: rounds "
                      "draw no Fig. 8 curve and sample at rejection_sampling.temperature")
-  if rc.reward == "rm":
-    if not rc.help_rm:
-      raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "
-                       '(<rm>/final), or set rejection_sampling.reward="oracle" on the world')
-    for name in ("help_rm", "safety_rm"):
-      if rc[name] and not os.path.isdir(rc[name]):
-        raise FileNotFoundError(f"config.rejection_sampling.{name}: {rc[name]!r} not found")
 
 
 def round_prompts(config, workdir: str) -> List[List[dict]]:

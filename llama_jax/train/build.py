@@ -310,3 +310,31 @@ def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
   sub.train.num_epochs = rc.num_epochs
   sub.eval.num_samples = 0
   return sub
+
+
+def check_sampling_inputs(config, stage: str, policy: str) -> None:
+  """The checks of a stage that samples ``config.init_from`` and scores with
+  ``config.rejection_sampling``'s reward (RAFT, context distillation), before anything is written.
+
+  Args:
+    stage: the stage's name, for the message. policy: what ``init_from`` is, e.g. "the policy to
+      distil".
+  Raises:
+    ValueError: ``init_from`` empty, or ``rejection_sampling.help_rm`` empty with the RM reward.
+    FileNotFoundError: ``init_from`` without ``params.json``, or a reward-model directory that
+      does not exist.
+  """
+  rc = config.rejection_sampling
+  if not config.get("init_from", ""):
+    raise ValueError(f"{stage}: config.init_from ({policy}) is empty")
+  if not os.path.isfile(os.path.join(config.init_from, "params.json")):
+    raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
+                            "stage's final/ or a converted checkpoint)")
+  if rc.reward != "rm":
+    return
+  if not rc.help_rm:
+    raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "
+                     '(<rm>/final), or set rejection_sampling.reward="oracle" on the world')
+  for name in ("help_rm", "safety_rm"):
+    if rc[name] and not os.path.isdir(rc[name]):
+      raise FileNotFoundError(f"config.rejection_sampling.{name}: {rc[name]!r} not found")
