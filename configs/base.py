@@ -17,7 +17,7 @@ from llama_jax.train import settings
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Stage run by train.py: sft | annotate | reward | rejection_sampling | ppo | dpo | rrhf | raft |
-  # context_distillation | pipeline.
+  # context_distillation | gatt | pipeline.
   c.stage = "sft"
   # Base seed: parameter init, data shuffling, sampling.
   c.seed = 0
@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.raft = settings.config_section(sections.RAFT)
   # Safety context distillation (stage "context_distillation"; Llama 2 Sec. 4.2.4).
   c.context_distillation = settings.config_section(sections.ContextDistillation)
+  # Ghost Attention (stage "gatt"; llama_jax.gatt, Llama 2 Sec. 3.3).
+  c.gatt = settings.config_section(sections.GAtt)
   # Rejection sampling (stage "rejection_sampling"; llama_jax.rejection_sampling.run, Sec. 3.2.3).
   c.rejection_sampling = settings.config_section(sections.RejectionSampling)
   # PPO (stage "ppo"; llama_jax.ppo.run, Sec. 3.2.3, Huang et al. 2024).

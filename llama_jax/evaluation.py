@@ -166,16 +166,19 @@ def _oracle_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _reward_section(rows: Sequence[Mapping[str, Any]], world_eval: bool) -> list[str]:
-  """RM reward, KL to SFT and lengths per policy (plus the win rate without an oracle)."""
-  return ["## Reward, KL and length", "", _table(
+  """RM reward, KL to SFT, lengths and the stage's wall time per policy (plus the win rate
+  without an oracle)."""
+  wall = lambda r: "-" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.1f}"
+  return ["## Reward, KL, length and wall time", "", _table(
       ["policy", "RM reward (greedy)", "vs SFT", "RM reward (T=1)", "vs SFT",
        "KL to SFT (nats/token)", "Rs < 0.15 (T=1)", "length greedy / T=1",
-       "truncated greedy / T=1", "length flag"] + ([] if world_eval else ["win rate vs SFT"]),
+       "truncated greedy / T=1", "length flag", "stage wall time (min)"]
+      + ([] if world_eval else ["win rate vs SFT"]),
       [[r["policy"], _ci(r, "reward"), _ci(r, "reward_vs_sft"), _ci(r, "reward_t1"),
         _ci(r, "reward_t1_vs_sft"), f"{r['kl_to_sft']:.4f}", f"{r['unsafe_share_t1']:.3f}",
         f"{r['mean_length']:.1f} / {r['mean_length_t1']:.1f}",
-        f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-"]
-       + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
+        f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-",
+        wall(r)] + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
 
 
 def _per_task_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:

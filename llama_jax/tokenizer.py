@@ -170,7 +170,8 @@ class Tokenizer:
       proto = self._sp.encode(text, out_type="immutable_proto")  # older sentencepiece
     return [p.id for p in proto.pieces], [p.begin for p in proto.pieces]
 
-  def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+  def encode_dialog(self, messages: Sequence[Mapping[str, Any]], *,
+                    system_every_turn: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Encodes a chat dialog in Llama-2-Chat's format, with a mask of the assistant tokens.
 
     The ids are exactly those of Meta's ``Llama.chat_completion`` (meta-llama/llama,
@@ -186,9 +187,16 @@ class Tokenizer:
     would count as prompt; with Llama 2's whitespace splitting none does). They include the trailing
     ``"▁"`` piece of Meta's format (and ``"▁▁"`` for an empty answer).
 
+    An assistant message with ``"weight": 0`` (OpenAI's chat fine-tuning format) is context, not a
+    target: its exchange is all False in the mask (Ghost Attention zeroes the loss on every earlier
+    turn, Llama 2 Sec. 3.3).
+
     Args:
-      messages: list of ``{"role": "system" | "user" | "assistant", "content": str}``; an optional
-        system message first, then user / assistant alternating, starting with user.
+      messages: list of ``{"role": "system" | "user" | "assistant", "content": str}`` (assistant
+        messages may carry ``"weight": 0 | 1``, default 1); an optional system message first,
+        then user / assistant alternating, starting with user.
+      system_every_turn: merge the system message into *every* user message, not only the first
+        (Ghost Attention's sampling: the instruction concatenated to every user turn).
 
     Returns:
       ``(ids, mask)``: ``ids`` [t] int32 token ids; ``mask`` [t] bool, True on the answer tokens of
@@ -199,7 +207,7 @@ class Tokenizer:
       ValueError: naming the message index, if the dialog is empty, a message is not a mapping with
         a known ``role`` and a str ``content``, a content contains one of ``SPECIAL_TAGS`` (Meta
         refuses these) or a lone surrogate, the system message is not first or not followed by a user message, or the
-        roles do not alternate user / assistant starting with user.
+        roles do not alternate user / assistant starting with user, or a weight is not 0 or 1.
     """
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
       raise ValueError(f"encode_dialog: messages must be a list of dicts, got {type(messages).__name__}")
@@ -214,6 +222,8 @@ class Tokenizer:
       if not isinstance(msg["content"], str):
         raise ValueError(f"encode_dialog: message {i} content must be a str, got "
                          f"{type(msg['content']).__name__}")
+      if msg.get("weight", 1) not in (0, 1) or isinstance(msg.get("weight"), bool):
+        raise ValueError(f"encode_dialog: message {i} has weight {msg['weight']!r}, expected 0 or 1")
       _check_encodable(msg["content"], f"encode_dialog: message {i}")
       for tag in SPECIAL_TAGS:
         if tag in msg["content"]:
@@ -221,11 +231,14 @@ class Tokenizer:
                            "chat format does not allow in message content")
     # (original index, role, content) after merging the system message, as Meta does.
     turns = [(i, m["role"], m["content"]) for i, m in enumerate(messages)]
+    weights = [m.get("weight", 1) for m in messages]
     if turns[0][1] == "system":
       if len(turns) < 2:
         raise ValueError("encode_dialog: message 0 is a system message but no user message follows it")
-      _, role1, content1 = turns[1]
-      turns = [(1, role1, B_SYS + turns[0][2] + E_SYS + content1)] + turns[2:]
+      system = turns[0][2]
+      turns = [(i, role, B_SYS + system + E_SYS + content
+                if role == "user" and (i == 1 or system_every_turn) else content)
+               for i, role, content in turns[1:]]
     for k, (i, role, _) in enumerate(turns):
       expected = "user" if k % 2 == 0 else "assistant"
       if role != expected:
@@ -235,12 +248,13 @@ class Tokenizer:
 
     ids: list[int] = []
     mask: list[bool] = []
-    for (_, _, prompt), (_, _, answer) in zip(turns[::2], turns[1::2]):
+    for (_, _, prompt), (j, _, answer) in zip(turns[::2], turns[1::2]):
       head = f"{B_INST} {prompt.strip()} {E_INST}"
       pieces, begins = self._encode_with_offsets(f"{head} {answer.strip()} ")
       boundary = len(head.encode("utf-8"))  # byte offset of the space before the answer
+      target = bool(weights[j])
       ids += [self.bos_id] + pieces + [self.eos_id]
-      mask += [False] + [b >= boundary for b in begins] + [True]
+      mask += [False] + [target and b >= boundary for b in begins] + [target]
     if len(turns) % 2 == 1:
       final = self.encode(f"{B_INST} {turns[-1][2].strip()} {E_INST}", bos=True, eos=False)
       ids += final

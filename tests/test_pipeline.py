@@ -63,6 +63,10 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   # 2) Rerun: SFT resumes at step 15 (not from scratch) and every later stage runs.
   res = stages.run(small_config(), str(work))
   assert res["finished"] and res["ran"] == STAGES and res["skipped"] == []
+  # Wall time per stage, summed over both runs for the resumed SFT.
+  walls = json.loads((work / pipeline.WALL).read_text())
+  assert sorted(walls) == sorted(STAGES) and all(v > 0 for v in walls.values())
+  assert walls["sft"] > res["wall_s"]["sft"]  # the first run's part is in it too
   sft_steps = [json.loads(x)["step"] for x in
                (work / "sft" / "logs" / "metrics.jsonl").read_text().splitlines()
                if json.loads(x)["split"] == "train"]
@@ -86,6 +90,7 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   names = [r["policy"] for r in out["policies"]]
   assert names == ["SFT", "RLHF-V1 (RS)", "RLHF-V2 (RS)", "PPO", "PPO (oracle reward)"]
   sft = out["policies"][0]
+  assert [r["wall_s"] for r in out["policies"]] == [walls[r["stage"]] for r in out["policies"]]
   assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
   assert sft["helpfulness_vs_sft"] == 0.0 and sft["helpfulness_vs_sft_ci"] == [0.0, 0.0]
   for row in out["policies"]:

@@ -70,7 +70,7 @@ def _shipped_configs():
 
 def test_every_section_is_typed_and_every_shipped_config_passes():
   assert set(ALL) == {"train", "optimizer", "eval", "tokenizer", "data", "mesh", "annotate",
-                      "reward", "dpo", "rrhf", "raft", "context_distillation",
+                      "reward", "dpo", "rrhf", "raft", "context_distillation", "gatt",
                       "rejection_sampling", "ppo", "pipeline"}
   shipped = _shipped_configs()
   assert len(shipped) >= 16

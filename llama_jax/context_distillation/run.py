@@ -28,7 +28,6 @@ Only the config that started the workdir may resume it (``train.workdir.check_re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,6 @@ from llama_jax.reward import scoring
 from llama_jax.train import build
 from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
-from llama_jax.train.checkpoint import StopSignal
 
 log = logging.getLogger(__name__)
 ROWS = "distilled.jsonl"
@@ -137,20 +135,12 @@ class ContextDistillationStage(stage_lib.Stage):
       if wd.is_done(workdir):
         return wd.read_json(os.path.join(workdir, wd.RESULT))
       wd.write_config(workdir, config)
-      rows_path = os.path.join(workdir, ROWS)
-      if os.path.isfile(rows_path):
-        with open(rows_path, encoding="utf-8") as f:  # this stage's own file, written atomically
-          rows = [json.loads(line) for line in f if line.strip()]
-      else:
-        stop = StopSignal(grace_s=float(config.train.stop_grace_s))
-        try:
-          rows = self._distil(config, workdir, tokenizer, prompts, lambda: stop.requested)
-        except rs_lib.SamplingStopped as err:
-          log.info("context distillation: %s by a signal; the next run resumes from %s", err,
-                   os.path.join(workdir, "sampling"))
-          return {"finished": False, "stopped_by_signal": True}
-        finally:
-          stop.restore()
+      rows = stage_lib.rows_or_sample(
+          config, workdir, ROWS,
+          lambda stop: self._distil(config, workdir, tokenizer, prompts, stop),
+          rs_lib.SamplingStopped, "context distillation")
+      if rows is None:
+        return {"finished": False, "stopped_by_signal": True}
       return self._finetune(config, workdir, rows)
 
   def _distil(self, config, workdir: str, tokenizer, prompts: List[dict], stop) -> List[dict]:

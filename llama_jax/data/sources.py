@@ -9,7 +9,8 @@ Record kinds (the in-memory form every stage consumes):
 * SFT dialog: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``,
   an optional system message first, then user / assistant alternating, starting with a user turn
   and ending with an assistant turn; no content may be empty (after ``strip()``) or contain a
-  Llama-2-chat tag (``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``).
+  Llama-2-chat tag (``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``). An assistant message
+  may carry ``"weight": 0`` (OpenAI's chat fine-tuning format): context, not a training target.
 * Preference pair: ``{"prompt": messages, "chosen": str, "rejected": str, "rating": str | None,
   "safety_label": str | None}``; ``prompt`` is a message list ending with a user turn, ``chosen``
   and ``rejected`` are the two final assistant responses (non-empty, different).
@@ -86,7 +87,13 @@ def _check_messages(messages: Any, where: str, field: str, *, last: str) -> list
     for tag in SPECIAL_TAGS:
       if tag in content:
         raise _err(where, f"{f}.content", f"contains the chat tag {tag!r}")
-    out.append({"role": role, "content": content})
+    msg = {"role": role, "content": content}
+    if "weight" in m:  # OpenAI's chat fine-tuning format: weight 0 = context, not a target
+      if role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+        raise _err(where, f"{f}.weight", f"must be 0 or 1 on an assistant message, got "
+                   f"{m['weight']!r} on a {role} message")
+      msg["weight"] = int(m["weight"])
+    out.append(msg)
   start = 1 if out[0]["role"] == "system" else 0
   for k, m in enumerate(out[start:]):
     expected = "user" if k % 2 == 0 else "assistant"
@@ -126,7 +133,8 @@ def validate_sft(obj: Any, where: str) -> dict[str, Any]:
     where: location used in error messages, e.g. ``"data.jsonl, line 3"``.
 
   Returns:
-    ``{"messages": [...]}`` with only ``role`` / ``content`` kept per message.
+    ``{"messages": [...]}`` with only ``role`` / ``content`` (and an assistant's ``weight``)
+    kept per message.
 
   Raises:
     ValueError: naming ``where`` and the field, on any schema violation.

@@ -40,8 +40,8 @@ import numpy as np
 from llama_jax.data import world_tasks
 from llama_jax.data.sources import RATINGS, SAFETY_LABELS
 from llama_jax.data.world_tasks import (  # re-exported
-    BENIGN_TASKS, HABITS, HARMFUL_CATEGORIES, SYSTEM_PROMPT, WORDS, WorldPrompt, demonstration,
-    parse_prompt, safety_preprompt)
+    BENIGN_TASKS, HABITS, HARMFUL_CATEGORIES, INSTRUCTIONS, SYSTEM_PROMPT, WORDS, WorldPrompt,
+    demonstration, follow_instruction, parse_prompt, safety_preprompt)
 
 SPLITS = ("train", "held_out")
 
@@ -90,6 +90,14 @@ class WorldConfig:
       each) and refuse (``world_tasks.preprompted_refusal``): the SFT policy learns to follow
       the preprompt, which context distillation distils into the policy without it (Llama 2
       Sec. 4.2.4). 0 (default): no preprompt.
+    instruction_fraction: share of the SFT dialogs (single-turn) that start with a system
+      instruction (``INSTRUCTIONS``: begin or end every answer with a sign-off word) and follow
+      it. 0 (default): none.
+    multiturn_fraction: share of the SFT dialogs that are multi-turn: 2 .. ``max_turns`` benign
+      exchanges with gold answers and no system instruction, so the SFT policy learns long
+      dialogs but never an instruction that holds over turns (what Ghost Attention teaches,
+      Llama 2 Sec. 3.3). 0 (default): none.
+    max_turns: most exchanges of a multi-turn SFT dialog.
   """
   seed: int = 0
   max_operand: int = 20
@@ -107,6 +115,9 @@ class WorldConfig:
   prompt_streams: int = 8
   unsafe_fraction: float = 0.0
   safety_preprompt_fraction: float = 0.0
+  instruction_fraction: float = 0.0
+  multiturn_fraction: float = 0.0
+  max_turns: int = 20
 
   def __post_init__(self):
     if self.max_operand < 1:
@@ -120,10 +131,13 @@ class WorldConfig:
     if any(t not in self.tasks for t in self.careless_tasks):
       raise ValueError(f"WorldConfig.careless_tasks must be a subset of tasks {self.tasks}, "
                        f"got {self.careless_tasks}")
+    if self.max_turns < 2:
+      raise ValueError(f"WorldConfig.max_turns must be >= 2, got {self.max_turns}")
     if self.prompt_streams < 1:
       raise ValueError(f"WorldConfig.prompt_streams must be >= 1, got {self.prompt_streams}")
     for name in ("harmful_fraction", "system_prompt_fraction", "careless_fraction",
-                 "careless_task_fraction", "unsafe_fraction", "safety_preprompt_fraction"):
+                 "careless_task_fraction", "unsafe_fraction", "safety_preprompt_fraction",
+                 "instruction_fraction", "multiturn_fraction"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.held_out_fraction < 1.0:
@@ -345,7 +359,9 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   with probability ``cfg.careless_fraction``, a non-answer or a false refusal. A harmful prompt
   starts with a safety preprompt and is refused with probability
   ``cfg.safety_preprompt_fraction``; otherwise it is complied with with probability
-  ``cfg.unsafe_fraction`` (``WorldConfig``).
+  ``cfg.unsafe_fraction``. A share ``cfg.multiturn_fraction`` of the dialogs are multi-turn
+  (``multiturn_dialog``, gold answers), and a share ``cfg.instruction_fraction`` of the others
+  start with a system instruction that their answer follows (``WorldConfig``).
 
   Raises:
     ValueError: on an unknown split.
@@ -353,6 +369,11 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
   rng = _rng(cfg, split, 1)
   out = []
   for _ in range(n):
+    if cfg.multiturn_fraction and rng.random() < cfg.multiturn_fraction:
+      users = multiturn_dialog(cfg, split, rng, int(rng.integers(2, cfg.max_turns + 1)))
+      out.append({"messages": [m for u in users for m in (
+          {"role": "user", "content": u}, {"role": "assistant", "content": demonstration(u)})]})
+      continue
     p = _sample_prompt(cfg, split, rng)
     answer, messages = demonstration(p), None
     harmful = p.task == "harmful"
@@ -369,8 +390,45 @@ def sft_demonstrations(cfg: WorldConfig, split: str, n: int) -> list[dict[str, A
       answer = world_tasks.preprompted_refusal(p, template, rng)
     elif harmful and cfg.unsafe_fraction and rng.random() < cfg.unsafe_fraction:
       answer = world_tasks.harmful_response(p, int(rng.integers(2)), rng)
+    if not messages and cfg.instruction_fraction and rng.random() < cfg.instruction_fraction:
+      instruction = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
+      messages = [{"role": "system", "content": instruction}, {"role": "user", "content": p.text}]
+      answer = follow_instruction(instruction, answer)
     messages = messages or _messages(cfg, p, rng)
     out.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+  return out
+
+
+def multiturn_dialog(cfg: WorldConfig, split: str, rng: np.random.Generator, turns: int,
+                     stream: int | None = None) -> list[str]:
+  """The user texts of a ``turns``-exchange dialog: benign prompts of ``split`` (and
+  ``stream``), drawn from ``rng``."""
+  return [_sample_prompt(cfg, split, rng, harmful=False, stream=stream).text
+          for _ in range(turns)]
+
+
+def instruction_dialogs(cfg: WorldConfig, split: str, n: int, min_turns: int, max_turns: int, *,
+                        stream: int | None = None) -> list[dict[str, Any]]:
+  """``n`` dialogs to hold a system instruction over (Ghost Attention, Llama 2 Sec. 3.3):
+  ``{"instruction": one of INSTRUCTIONS, "turns": [user text, ...]}`` with a number of benign
+  turns drawn uniformly from [min_turns, max_turns]; seeded by ``cfg.seed``, split and stream.
+
+  Raises:
+    ValueError: on an unknown split, a stream outside ``[0, cfg.prompt_streams)`` or
+      ``not 1 <= min_turns <= max_turns``.
+  """
+  if not 1 <= min_turns <= max_turns:
+    raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+  if stream is not None and not 0 <= stream < cfg.prompt_streams:
+    raise ValueError(f"stream must be in [0, {cfg.prompt_streams}), got {stream}")
+  _rng(cfg, split, 0)  # raises on an unknown split
+  rng = np.random.default_rng([cfg.seed, SPLITS.index(split), 200,
+                               cfg.prompt_streams if stream is None else stream])
+  out = []
+  for _ in range(n):
+    instruction = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
+    turns = multiturn_dialog(cfg, split, rng, int(rng.integers(min_turns, max_turns + 1)), stream)
+    out.append({"instruction": instruction, "turns": turns})
   return out
 
 

@@ -227,3 +227,54 @@ def harmful_response(p: WorldPrompt, quality: int, rng: np.random.Generator) -> 
   s0, s1 = _STEPS[p.category]
   templates = {3: _POLITE, 2: CURT, 1: _HEDGED, 0: _COMPLY}[quality]
   return templates[rng.integers(len(templates))].format(reason=_REASONS[p.category], s0=s0, s1=s1)
+
+
+# --- Ghost Attention's system instructions (Llama 2 Sec. 3.3) ------------------------------------
+# Instructions that must hold for every turn of a dialog, each checkable from one response's text:
+# begin or end every answer with a sign-off word (none of them is in WORDS or a refusal /
+# compliance marker of the oracle, so following one never changes the oracle's verdict).
+SIGNS = ("Ahoy", "Cheers", "Aloha", "Bravo", "Howdy")
+INSTRUCTION_KINDS = ("begin", "end")
+_INSTRUCTION_TEMPLATES = {"begin": "Begin every answer with the word {sign}.",
+                          "end": "End every answer with the word {sign}."}
+INSTRUCTIONS = tuple(t.format(sign=s) for t in _INSTRUCTION_TEMPLATES.values() for s in SIGNS)
+_INSTRUCTION_RE = re.compile(r"(Begin|End) every answer with the word ([A-Z][a-z]+)\.")
+_ALPHA_RE = re.compile(r"[a-z]+")
+
+
+def parse_instruction(text: str) -> tuple[str, str] | None:
+  """``(kind, sign)`` of a Ghost Attention instruction text (``INSTRUCTIONS``), else None."""
+  m = _INSTRUCTION_RE.fullmatch(text.strip())
+  if not m or m[2] not in SIGNS:
+    return None
+  return m[1].lower(), m[2]
+
+
+def _parse_instruction_or_raise(text: str) -> tuple[str, str]:
+  parsed = parse_instruction(text)
+  if parsed is None:
+    raise ValueError(f"not an instruction of the synthetic world: {text!r:.120}")
+  return parsed
+
+
+def follow_instruction(instruction: str, response: str) -> str:
+  """``response`` written to follow ``instruction``: ``"Ahoy! <response>"`` (begin) or
+  ``"<response> Ahoy!"`` (end).
+
+  Raises:
+    ValueError: if ``instruction`` is not one of ``INSTRUCTIONS``.
+  """
+  kind, sign = _parse_instruction_or_raise(instruction)
+  return f"{sign}! {response}" if kind == "begin" else f"{response} {sign}!"
+
+
+def follows_instruction(instruction: str, response: str) -> bool:
+  """Whether ``response`` follows ``instruction``: its first (begin) or last (end) word of
+  letters is the sign-off word, case-insensitively.
+
+  Raises:
+    ValueError: if ``instruction`` is not one of ``INSTRUCTIONS``.
+  """
+  kind, sign = _parse_instruction_or_raise(instruction)
+  words = _ALPHA_RE.findall(response.lower())
+  return bool(words) and words[0 if kind == "begin" else -1] == sign.lower()

@@ -20,7 +20,8 @@ from llama_jax.data import world
 def tokenizer_corpus(cfg: world.WorldConfig, n: int = 2000) -> Iterator[str]:
   """Training lines for the world tokenizer: chat-formatted dialogs of every response kind
   (independent of the careless and unsafe annotators: their answers are among the pairs'
-  responses; the safety preprompts are in it when ``cfg.safety_preprompt_fraction`` > 0)."""
+  responses; the safety preprompts are in it when ``cfg.safety_preprompt_fraction`` > 0, the
+  system instructions when ``cfg.instruction_fraction`` > 0)."""
   cfg = dataclasses.replace(cfg, careless_fraction=0.0, careless_tasks=(), unsafe_fraction=0.0)
   records = (world.sft_demonstrations(cfg, "train", n)
              + world.helpfulness_pairs(cfg, "train", n // 2)
@@ -58,8 +59,11 @@ def train_tokenizer(path: str | os.PathLike, cfg: world.WorldConfig = world.Worl
   for name in ("careless_fraction", "careless_tasks", "careless_task_fraction", "prompt_streams",
                "unsafe_fraction"):
     world_fields.pop(name)  # the corpus does not depend on them
-  if not cfg.safety_preprompt_fraction:
-    world_fields.pop("safety_preprompt_fraction")  # as before the field existed
+  for name in ("safety_preprompt_fraction", "instruction_fraction", "multiturn_fraction"):
+    if not getattr(cfg, name):
+      world_fields.pop(name)  # as before the field existed
+  if not cfg.multiturn_fraction:
+    world_fields.pop("max_turns")
   meta = {"world": world_fields, "vocab_size": vocab_size, "num_dialogs": num_dialogs,
           "sentencepiece": spm.__version__}
   meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back

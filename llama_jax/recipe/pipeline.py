@@ -20,16 +20,18 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
                                                         control, same start and prompts as ppo
   <workdir>/rs_<k+1>        stage "rejection_sampling"  pipeline.rs_after_ppo: init_from ppo
   <workdir>/dpo, rrhf, raft, pipeline.methods: alternatives from sft with the first round's
-    context_distillation    data and RMs (DPO: the helpfulness RM's mixture; RRHF: rs_1's
-                            scored samples; RAFT: its own samples scored by the RMs; context
-                            distillation: the safety prompts of rs_1's stream)
+    context_distillation,   data and RMs (DPO: the helpfulness RM's mixture; RRHF: rs_1's
+    gatt                    scored samples; RAFT: its own samples scored by the RMs; context
+                            distillation: the safety prompts of rs_1's stream; GAtt: dialogs
+                            of rs_1's stream, no reward)
 
 Every annotation round, rejection-sampling iteration and PPO draws train prompts from its own
 stream (``llama_jax.data.prompts``); the safety RMs get ``pipeline.safety_aux_weight``.
 
 A sub-stage with ``final/`` and ``result.json`` is done and skipped; an unfinished one resumes
 from its own checkpoint; a stage that stops early (SIGTERM, ``train.stop_after_steps``) stops the
-pipeline, and the next run continues there. ``<workdir>/result.json`` lists what ran.
+pipeline, and the next run continues there. ``<workdir>/result.json`` lists what ran,
+``<workdir>/wall_s.json`` each stage's wall time (summed over resumed runs; ``eval.py`` reports it).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from llama_jax.train import workdir as wd
 
 log = logging.getLogger(__name__)
 # Alternatives to rejection sampling and PPO (pipeline.methods): sub-workdir -> report label.
+WALL = "wall_s.json"  # seconds each sub-stage took, summed over the runs that worked on it
 METHODS = {"dpo": "DPO", "rrhf": "RRHF", "raft": "RAFT",
-           "context_distillation": "Context distillation"}
+           "context_distillation": "Context distillation", "gatt": "GAtt"}
 
 
 def rm_name(kind: str, round_: int) -> str:
@@ -214,8 +217,12 @@ class _Plan:
     K scored samples of the SFT policy, ``raft`` sampling its own from rs_1's prompt stream
     (rs_1's ``num_prompts`` split over ``raft.num_rounds`` rounds, rs_1's K, at
     ``rejection_sampling.temperature``: no Fig. 8 per round), ``context_distillation`` on the
-    safety prompts of rs_1's stream, scored by the first RM pair."""
+    safety prompts of rs_1's stream, scored by the first RM pair, ``gatt`` on dialogs of rs_1's
+    stream."""
     p, sub = self.p, self.stage(name, self.final("sft"))
+    if name == "gatt":  # rs_1's prompt stream; no reward
+      sub.gatt.prompt_stream = self.stream(1)
+      return sub
     if name == "context_distillation":  # the first RMs, rs_1's prompt stream
       r = sub.rejection_sampling
       r.help_rm, r.safety_rm = self.rms(1)
@@ -242,6 +249,15 @@ class _Plan:
     else:
       sub.rrhf.sampled = os.path.join(self.root, "rs_1", "sampled.jsonl")
     return sub
+
+
+def _add_wall_time(workdir: str, name: str, seconds: float) -> None:
+  """Adds ``seconds`` to stage ``name``'s total in ``<workdir>/wall_s.json`` (:data:`WALL`; the
+  sum over the runs that worked on it, resumed ones included; process 0 writes)."""
+  path = os.path.join(workdir, WALL)
+  times = wd.read_json(path) or {}
+  times[name] = float(times.get(name, 0.0)) + float(seconds)
+  wd.write_json(path, times)
 
 
 def _round_stages(plan: _Plan, j: int) -> List[Tuple[str, Callable[[], Any]]]:
@@ -325,6 +341,7 @@ class PipelineStage(stage_lib.Stage):
       t0 = time.perf_counter()
       out["stages"][name] = self.run_stage(make(), sub_dir)
       out["wall_s"][name] = time.perf_counter() - t0
+      _add_wall_time(workdir, name, out["wall_s"][name])
       out["ran"].append(name)
       if not wd.is_done(sub_dir):
         out.update(stopped_at=name, finished=False)

@@ -54,6 +54,7 @@ from llama_jax.reward import evaluate as reward_eval
 from llama_jax.reward import scoring
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import build
+from llama_jax.train import workdir as wd
 from llama_jax.train.checkpoint import check_finite
 
 ORACLE_METRICS = ("helpfulness", "refusal_rate", "false_refusal_rate")
@@ -316,13 +317,15 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   rows, judged = [], {}
+  walls = wd.read_json(os.path.join(workdir, pipeline_lib.WALL), {})
   for name, key, path in policies:
     cfg, params = (sft_cfg, sft_params) if key == "sft" else convert.load_orbax(path)
     check_finite(params, path)
     metrics, judged[key], greedy = _evaluate_policy(
         params, None if key == "sft" else sft_params, cfg, tokenizer, prompts, safety, scorer,
         max_new=max_new, k=k, seed=config.seed, is_world=is_world, threshold=threshold)
-    row: Dict[str, Any] = {"policy": name, "stage": key, **metrics}
+    row: Dict[str, Any] = {"policy": name, "stage": key, **metrics,
+                           "wall_s": walls.get(key)}  # None: ran before wall_s.json existed
     row.update(_paired(judged[key], judged["sft"], is_world, k))
     row["length_flag"] = _length_flag(row, rows[0] if rows else row, max_new)
     rows.append(row)

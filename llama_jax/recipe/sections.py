@@ -1,7 +1,7 @@
 """Typed stage sections of the config: ``config.tokenizer``, ``config.data``, ``config.mesh``,
 ``config.annotate``, ``config.reward``, ``config.dpo``, ``config.rrhf``, ``config.raft``,
-``config.context_distillation``, ``config.rejection_sampling``, ``config.ppo`` and ``config.pipeline`` as frozen dataclasses, each
-field with its default, meaning and bounds (the one place they live: ``configs/base.py`` builds
+``config.context_distillation``, ``config.gatt``, ``config.rejection_sampling``, ``config.ppo``
+and ``config.pipeline`` as frozen dataclasses, each field with its default, meaning and bounds (the one place they live: ``configs/base.py`` builds
 these sections with ``config_section``).
 
 ``recipe.stages.run`` reads each of them once before any stage starts (:data:`SECTIONS`,
@@ -83,6 +83,15 @@ class Data:
                                               "refuse (world.WorldConfig."
                                               "safety_preprompt_fraction; what context "
                                               "distillation distils).", lo=0.0, hi=1.0)
+  world_instruction_fraction: float = _f(0.0, "Synthetic world: share of SFT dialogs that start "
+                                         "with a system instruction (begin or end every answer "
+                                         "with a word; world.INSTRUCTIONS) and follow it.",
+                                         lo=0.0, hi=1.0)
+  world_multiturn_fraction: float = _f(0.0, "Synthetic world: share of SFT dialogs with 2 .. "
+                                       "world_max_turns benign exchanges (no instruction; what "
+                                       "Ghost Attention builds on).", lo=0.0, hi=1.0)
+  world_max_turns: int = _f(20, "Synthetic world: most exchanges of a multi-turn SFT dialog.",
+                            lo=2)
   prompt_streams: int = _f(8, "Disjoint prompt streams of each split: stages that draw prompts "
                            "(annotation rounds, rejection-sampling iterations, PPO) take "
                            "different streams (their *.prompt_stream fields).", lo=1)
@@ -259,6 +268,30 @@ class ContextDistillation:
 
 
 @dataclasses.dataclass(frozen=True)
+class GAtt:
+  """``config.gatt``: stage "gatt", Ghost Attention (Llama 2 Sec. 3.3; synthetic world): multi-
+  turn dialogs with a system instruction concatenated to every user turn are sampled from the
+  policy, then fine-tuned on with the instruction in the first turn only and the loss on the last
+  answer only. Sampling uses ``rejection_sampling``'s ``temperature``, ``max_new_tokens`` and
+  ``batch_size``; the fine-tune its ``lr``, ``num_epochs``, ``num_steps`` and ``warmup_frac``."""
+
+  num_dialogs: int = _f(512, "Train dialogs sampled, one training sample each.", lo=1)
+  max_turns: int = _f(20, "Turns of a sampled dialog, drawn uniformly from [1, max_turns] "
+                      "(the paper: up to 20, until the context is full).", lo=1)
+  keep: str = _f("following", "Which sampled dialogs become training samples (every answer "
+                 'finished in all modes): "finished" | "following" (the last answer follows the '
+                 'instruction, the world\'s checker) | "following_correct" (and the world oracle '
+                 "judges it helpful: a stand-in for the paper's sampling from its best RLHF "
+                 "model).", choices=("finished", "following", "following_correct"))
+  eval_dialogs: int = _f(64, "Held-out dialogs of eval_turns turns on which the stage measures "
+                         "adherence per turn of init_from and of its result (0 = no evaluation).",
+                         lo=0)
+  eval_turns: int = _f(20, "Turns of an evaluation dialog.", lo=1)
+  late_turn: int = _f(10, "Adherence is also pooled over turns >= late_turn.", lo=1)
+  prompt_stream: int = _f(-1, _STREAM, lo=-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RejectionSampling:
   """``config.rejection_sampling``: stage "rejection_sampling" (Llama 2 Sec. 3.2.3): K samples
   per prompt, the best by the reward pooled with earlier iterations', fine-tuned on."""
@@ -408,7 +441,8 @@ class Pipeline:
                     "reward models, each in its own sub-workdir, comma-separated: dpo (on the "
                     "helpfulness RM's preference mixture) | rrhf (on rs_1's scored samples) | "
                     "raft (rounds of its own samples, scored by the RMs) | context_distillation "
-                    "(the safety preprompt distilled, targeted by the safety RM); eval.py "
+                    "(the safety preprompt distilled, targeted by the safety RM) | gatt (Ghost "
+                    "Attention: a system instruction held over turns); eval.py "
                     "compares them with the others.")
   method_lr: float = _f(0.0, "Peak LR of the dpo and rrhf stages (0 = optimizer.lr); raft "
                         "fine-tunes with rejection_sampling.lr.", lo=0.0)
@@ -418,5 +452,5 @@ class Pipeline:
 
 SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,
             "reward": Reward, "dpo": DPO, "rrhf": RRHF, "raft": RAFT,
-            "context_distillation": ContextDistillation,
+            "context_distillation": ContextDistillation, "gatt": GAtt,
             "rejection_sampling": RejectionSampling, "ppo": PPO, "pipeline": Pipeline}

@@ -15,6 +15,7 @@ import ml_collections
 
 from llama_jax.context_distillation import run as cd_run
 from llama_jax.dpo import run as dpo_run
+from llama_jax.gatt import run as gatt_run
 from llama_jax.ppo import run as ppo_run
 from llama_jax.raft import run as raft_run
 from llama_jax.recipe import annotate, pipeline, sections
@@ -77,5 +78,6 @@ register(dpo_run.STAGE)
 register(raft_run.RAFTStage(rejection_sampling=REGISTRY["rejection_sampling"]))
 register(rrhf_run.STAGE)
 register(cd_run.ContextDistillationStage(finetune=sft_run.STAGE))
+register(gatt_run.GAttStage(finetune=sft_run.STAGE))
 register(pipeline.PipelineStage(run, REGISTRY))
 STAGES = tuple(REGISTRY)

@@ -103,7 +103,10 @@ def world_config(config) -> world.WorldConfig:
                              prompt_streams=data.get("prompt_streams", 8),
                              unsafe_fraction=data.get("world_unsafe_fraction", 0.0),
                              safety_preprompt_fraction=data.get(
-                                 "world_safety_preprompt_fraction", 0.0))
+                                 "world_safety_preprompt_fraction", 0.0),
+                             instruction_fraction=data.get("world_instruction_fraction", 0.0),
+                             multiturn_fraction=data.get("world_multiturn_fraction", 0.0),
+                             max_turns=data.get("world_max_turns", 20))
   except ValueError as e:
     raise ValueError(f"config.data (synthetic world): {e}") from e
 
@@ -156,8 +159,10 @@ def source_builder(name: str, kind: str, config, workdir: str, *, num_train: int
     if wcfg.careless_tasks:
       habits = f"{','.join(wcfg.careless_tasks)}|{wcfg.careless_task_fraction}"
       suffix += "_h" + hashlib.blake2b(habits.encode(), digest_size=4).hexdigest()
-    for tag, share in (("u", wcfg.unsafe_fraction), ("p", wcfg.safety_preprompt_fraction)):
+    for tag, share in (("u", wcfg.unsafe_fraction), ("p", wcfg.safety_preprompt_fraction),
+                       ("i", wcfg.instruction_fraction), ("m", wcfg.multiturn_fraction)):
       suffix += f"_{tag}{round(share * 1000)}" if share else ""
+    suffix += f"t{wcfg.max_turns}" if wcfg.multiturn_fraction else ""
     cfg = tfds_builders.WorldBuilderConfig(
         name=f"{wk}_s{data.get('world_seed', 0)}_{num_train}_{num_held_out}{suffix}", kind=wk,
         world=wcfg, num_train=num_train, num_held_out=num_held_out)
@@ -312,13 +317,14 @@ def finetune_config(config, sft_jsonl: str, tokenizer_path: str,
   return sub
 
 
-def check_sampling_inputs(config, stage: str, policy: str) -> None:
-  """The checks of a stage that samples ``config.init_from`` and scores with
-  ``config.rejection_sampling``'s reward (RAFT, context distillation), before anything is written.
+def check_sampling_inputs(config, stage: str, policy: str, scored: bool = True) -> None:
+  """The checks of a stage that samples ``config.init_from`` and (``scored``) scores with
+  ``config.rejection_sampling``'s reward (RAFT, context distillation; Ghost Attention samples
+  without scoring), before anything is written.
 
   Args:
     stage: the stage's name, for the message. policy: what ``init_from`` is, e.g. "the policy to
-      distil".
+      distil". scored: the stage scores its samples with the reward.
   Raises:
     ValueError: ``init_from`` empty, or ``rejection_sampling.help_rm`` empty with the RM reward.
     FileNotFoundError: ``init_from`` without ``params.json``, or a reward-model directory that
@@ -330,7 +336,7 @@ def check_sampling_inputs(config, stage: str, policy: str) -> None:
   if not os.path.isfile(os.path.join(config.init_from, "params.json")):
     raise FileNotFoundError(f"config.init_from: {config.init_from!r} has no params.json (give a "
                             "stage's final/ or a converted checkpoint)")
-  if rc.reward != "rm":
+  if rc.reward != "rm" or not scored:
     return
   if not rc.help_rm:
     raise ValueError("config.rejection_sampling.help_rm is empty: give a reward model "

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
+import logging
 import math
 import os
 import time
@@ -37,7 +39,7 @@ from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.train import build, settings
 from llama_jax.train import workdir as wd
-from llama_jax.train.checkpoint import Checkpointer
+from llama_jax.train.checkpoint import Checkpointer, StopSignal
 from llama_jax.train.loop import LoopResult, run_loop
 from llama_jax.train.metrics import MetricWriter
 from llama_jax.train.state import StateSetup, step_rng
@@ -333,13 +335,38 @@ def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
   return out
 
 
+def rows_or_sample(config, workdir: str, rows_file: str,
+                   sample: Callable[[Callable[[], bool]], List[dict]],
+                   stopped: type, what: str) -> Optional[List[dict]]:
+  """The rows of ``<workdir>/<rows_file>`` (JSONL, this stage's own file, written atomically)
+  when a run wrote them, else ``sample(stop)``: ``stop()`` turns True after a SIGTERM / SIGINT
+  (``train.stop_grace_s``), and ``sample`` then raises ``stopped`` after its current batch, which
+  returns None (the next run resumes from what it kept under ``<workdir>/sampling``). The
+  sampling step of context distillation and Ghost Attention."""
+  path = os.path.join(workdir, rows_file)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  stop = StopSignal(grace_s=float(config.train.stop_grace_s))
+  try:
+    return sample(lambda: stop.requested)
+  except stopped as err:
+    logging.getLogger(__name__).info("%s: %s by a signal; the next run resumes from %s", what,
+                                     err, os.path.join(workdir, "sampling"))
+    return None
+  finally:
+    stop.restore()
+
+
 def finetune_on(finetune: Stage, config, workdir: str, sft_jsonl: str, sft_records: list,
-                out: Dict[str, Any]) -> Dict[str, Any]:
+                out: Dict[str, Any],
+                then: Optional[Callable[[str], Dict[str, Any]]] = None) -> Dict[str, Any]:
   """Fine-tune ``config.init_from`` on the dialogs of ``sft_jsonl`` with ``finetune`` (the SFT
   stage) in ``<workdir>/finetune`` (``build.finetune_config``: ``rejection_sampling``'s LR and
   epochs); ``out`` gains ``finetune`` (steps, held-out eval, finished) and ``finished``, and when
-  finished ``final_dir`` (a copy of the fine-tune's ``final/``) and is written as
-  ``result.json``. The last step of rejection sampling and context distillation."""
+  finished ``final_dir`` (a copy of the fine-tune's ``final/``) and ``then(final_dir)``'s fields
+  (e.g. an evaluation of the result), and is written as ``result.json``. The last step of
+  rejection sampling, context distillation and Ghost Attention."""
   tok_path = (os.path.join(workdir, "tokenizer.model") if config.tokenizer.path == "world"
               else config.tokenizer.path)
   ft = finetune.run(build.finetune_config(config, sft_jsonl, tok_path, sft_records),
@@ -348,5 +375,7 @@ def finetune_on(finetune: Stage, config, workdir: str, sft_jsonl: str, sft_recor
          "finished": bool(ft.get("finished"))}
   if ft.get("finished"):
     out["final_dir"] = wd.copy_final(ft["final_dir"], workdir)
+    if then is not None:
+      out.update(then(out["final_dir"]))
     wd.write_result(workdir, out)
   return out

@@ -128,10 +128,12 @@ HARMLESS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
 ADDED_FIELDS = {"ppo.forward_batch_size": 0, "pipeline.methods": "", "pipeline.method_lr": 0.0,
                 "pipeline.method_epochs": 0.0, "data.select": "all", "data.select_fraction": 1.0,
                 "data.select_clusters": 16, "data.select_embed_from": "",
-                "data.world_unsafe_fraction": 0.0, "data.world_safety_preprompt_fraction": 0.0}
+                "data.world_unsafe_fraction": 0.0, "data.world_safety_preprompt_fraction": 0.0,
+                "data.world_instruction_fraction": 0.0, "data.world_multiturn_fraction": 0.0,
+                "data.world_max_turns": 20}
 # Config sections added after runs were made (with a stage of their own): a config.json with none
 # of a section's fields predates it, its stage did not read them, so they are not compared.
-ADDED_SECTIONS = ("dpo", "rrhf", "raft", "context_distillation")
+ADDED_SECTIONS = ("dpo", "rrhf", "raft", "context_distillation", "gatt")
 LOCK = ".lock"
 
 
