@@ -411,6 +411,7 @@ def test_stage_end_to_end_and_resume_bitwise(models, tmp_path, monkeypatch):
     (lambda c: c.gatt.update(num_dialogs=0), "gatt.num_dialogs"),
     (lambda c: c.gatt.update(eval_turns=0), "gatt.eval_turns"),
     (lambda c: c.gatt.update(keep="best"), "gatt.keep"),
+    (lambda c: c.gatt.update(late_turn=4), "gatt.late_turn"),
     (lambda c: c.data.update(world_max_turns=1), "world_max_turns"),
     (lambda c: c.data.update(world_multiturn_fraction=2.0), "world_multiturn_fraction"),
 ])

@@ -55,11 +55,15 @@ def validate(config) -> None:
   """Checks across fields and against files, before anything is written.
 
   Raises:
-    ValueError: naming the field: ``init_from`` empty; a tokenizer other than the synthetic
-      world's (the instructions and their checker are the world's).
+    ValueError: naming the field: ``init_from`` empty; ``gatt.late_turn`` > ``eval_turns``; a
+      tokenizer other than the synthetic world's (the instructions and their checker are the
+      world's).
     FileNotFoundError: for ``init_from`` without ``params.json``.
   """
   build.check_sampling_inputs(config, "gatt", "the policy to teach", scored=False)
+  if config.gatt.late_turn > config.gatt.eval_turns:
+    raise ValueError(f"config.gatt.late_turn={config.gatt.late_turn} exceeds "
+                     f"config.gatt.eval_turns={config.gatt.eval_turns}: no turn to pool")
   if config.tokenizer.path != "world":
     raise ValueError('stage gatt needs the synthetic world (config.tokenizer.path="world"): its '
                      "system instructions and their checker are the world's")
