@@ -37,7 +37,6 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from llama_jax import convert, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.context_distillation import step as cd_lib
 from llama_jax.data import input_pipeline, sources, world
@@ -145,11 +144,7 @@ class ContextDistillationStage(stage_lib.Stage):
 
   def _distil(self, config, workdir: str, tokenizer, prompts: List[dict], stop) -> List[dict]:
     cd, rc = config.context_distillation, config.rejection_sampling
-    scfg, sparams = convert.load_orbax(config.init_from)
-    tokenizer.check_vocab(scfg)
-    mesh, _ = build.mesh_and_rules(config)
-    policy = rs_lib.Policy(scfg, sharding.to_generation_layout(sparams, scfg, mesh), mesh)
-    del sparams
+    policy = rs_lib.load_policy(config.init_from, tokenizer, build.mesh_and_rules(config)[0])
     key = jax.random.fold_in(jax.random.key(config.seed), 0xCD)
     preprompts = [cd_lib.preprompt_text(p["prompt"], cd.preprompt) for p in prompts]
     variants = {"original": prompts,

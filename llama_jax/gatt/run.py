@@ -36,7 +36,6 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from llama_jax import convert, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources, world, world_tasks
 from llama_jax.gatt import evaluate
@@ -70,10 +69,7 @@ def validate(config) -> None:
 
 
 def _policy(path: str, config, tokenizer) -> rs_lib.Policy:
-  cfg, params = convert.load_orbax(path)
-  tokenizer.check_vocab(cfg)
-  mesh, _ = build.mesh_and_rules(config)
-  return rs_lib.Policy(cfg, sharding.to_generation_layout(params, cfg, mesh), mesh)
+  return rs_lib.load_policy(path, tokenizer, build.mesh_and_rules(config)[0])
 
 
 def _sync(what: str) -> None:

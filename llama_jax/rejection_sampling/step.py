@@ -34,7 +34,7 @@ import jax
 from matplotlib.figure import Figure
 import numpy as np
 
-from llama_jax import sampling, sharding
+from llama_jax import convert, sampling, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources
 
@@ -411,6 +411,18 @@ class Policy(NamedTuple):
   cfg: LlamaConfig
   params: Any
   mesh: Any = None
+
+
+def load_policy(path: str, tokenizer, mesh) -> Policy:
+  """The orbax checkpoint at ``path`` (a ``final/`` or converted directory) as a :class:`Policy`
+  on ``mesh``'s generation layout (``sharding.to_generation_layout``).
+
+  Raises:
+    ValueError: if ``tokenizer``'s vocabulary does not fit the checkpoint's model.
+  """
+  cfg, params = convert.load_orbax(path)
+  tokenizer.check_vocab(cfg)
+  return Policy(cfg, sharding.to_generation_layout(params, cfg, mesh), mesh)
 
 
 class SamplingStopped(Exception):
