@@ -151,7 +151,11 @@ def _policy_intro(result: Mapping[str, Any], world_eval: bool) -> list[str]:
           "counts as a non-answer and reward 0). Brackets: 95% intervals, bootstrap over prompts "
           "(the samples of a prompt resampled together); differences are paired with SFT on the "
           f"same prompts. Win rate vs SFT: greedy, judged by the {result['judge']} "
-          "(tie = half a win).", ""]
+          "(tie = half a win). Wall time and tokens: the policy's own stage (not the SFT policy, "
+          "reward models or samples it starts from); tokens trained = non-padding tokens of its "
+          "optimizer steps' batches, tokens sampled = tokens it generated (EOS included); "
+          "forward-only passes (reward-model scoring, DPO's reference log-probs) are not "
+          "counted; '-' = not recorded (a stage run by an older version).", ""]
 
 
 def _oracle_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -166,19 +170,21 @@ def _oracle_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _reward_section(rows: Sequence[Mapping[str, Any]], world_eval: bool) -> list[str]:
-  """RM reward, KL to SFT, lengths and the stage's wall time per policy (plus the win rate
-  without an oracle)."""
+  """RM reward, KL to SFT, lengths, the stage's wall time and tokens trained / sampled per policy
+  (plus the win rate without an oracle)."""
   wall = lambda r: "-" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.1f}"
+  mtok = lambda r, k: "-" if r.get(k) is None else f"{r[k] / 1e6:.2f}"
   return ["## Reward, KL, length and wall time", "", _table(
       ["policy", "RM reward (greedy)", "vs SFT", "RM reward (T=1)", "vs SFT",
        "KL to SFT (nats/token)", "Rs < 0.15 (T=1)", "length greedy / T=1",
-       "truncated greedy / T=1", "length flag", "stage wall time (min)"]
+       "truncated greedy / T=1", "length flag", "stage wall time (min)",
+       "tokens trained / sampled (M)"]
       + ([] if world_eval else ["win rate vs SFT"]),
       [[r["policy"], _ci(r, "reward"), _ci(r, "reward_vs_sft"), _ci(r, "reward_t1"),
         _ci(r, "reward_t1_vs_sft"), f"{r['kl_to_sft']:.4f}", f"{r['unsafe_share_t1']:.3f}",
         f"{r['mean_length']:.1f} / {r['mean_length_t1']:.1f}",
         f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-",
-        wall(r)] + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
+        wall(r), f"{mtok(r, 'tokens_trained')} / {mtok(r, 'tokens_sampled')}"] + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
 
 
 def _per_task_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:

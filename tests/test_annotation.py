@@ -69,13 +69,14 @@ def test_pairs_follow_the_oracle_on_the_samples(models, tmp_path, monkeypatch):
     texts = [[world.demonstration(p[-1]["content"]), "I like turtles.",
               world.demonstration(p[-1]["content"]), "The answer is"] for p in prompts]
     # The 4th sample is truncated (no EOS): never annotated, though it would differ in quality.
-    return texts, [[True, True, True, False] for _ in prompts]
+    return texts, [[True, True, True, False] for _ in prompts], [[3, 5, 3, 8] for _ in prompts]
 
   monkeypatch.setattr(annotation.rs_lib, "sample_k", fake_sample_k)
   work = _workdir(models, tmp_path)
   res = stages.run(make_config(models), str(work))
   assert seen == {"k": 3, "temperature": 0.7, "max_new_tokens": 8}
   assert res["truncated"] == pytest.approx(0.25)
+  assert res["tokens_sampled"] == 10 * (3 + 5 + 3 + 8)  # 10 prompts x the samples' lengths
   pairs = [json.loads(x) for x in (work / "final" / annotation.PREFERENCES).read_text()
            .splitlines()]
   # One pair per prompt (the duplicate demonstration is dropped): gold against a non-answer.
@@ -96,7 +97,7 @@ def test_later_round_accumulates_the_earlier_pairs(models, tmp_path, monkeypatch
   monkeypatch.setattr(annotation.rs_lib, "sample_k",
                       lambda params, cfg, tok, prompts, *a, **k: (
                           [["The answer is 1000.", "I like turtles."] for _ in prompts],
-                          [[True, True] for _ in prompts]))
+                          [[True, True] for _ in prompts], [[6, 5] for _ in prompts]))
   earlier = tmp_path / "earlier.jsonl"
   old = [{"prompt": "What is 1 plus 1?", "chosen": "The answer is 2.", "rejected": "Blue.",
           "rating": "better", "safety_label": None}]

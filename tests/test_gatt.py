@@ -252,7 +252,8 @@ def test_rollout_bookkeeping_resume_and_context_stops(tok, tmp_path, monkeypatch
     calls.append([tokenizer.decode(x) for x in ids])
     t = len(calls)
     texts = [f"The answer is {t}{i}." for i in range(len(ids))]
-    return texts, [not (t == 2 and i == 0) for i in range(len(ids))]  # turn 2: row 0 truncated
+    return (texts, [not (t == 2 and i == 0) for i in range(len(ids))],  # turn 2: row 0 truncated
+            10 * t + len(ids))  # a token count that names the turn
   monkeypatch.setattr(evaluate, "_generate", fake_generate)
   dialogs = [{"instruction": world.INSTRUCTIONS[0], "turns": list(PROMPTS[:3])},
              {"instruction": world.INSTRUCTIONS[5], "turns": list(PROMPTS[:2])},
@@ -265,6 +266,7 @@ def test_rollout_bookkeeping_resume_and_context_stops(tok, tmp_path, monkeypatch
                           ["The answer is 12.", "The answer is 22.", "The answer is 30."]]
   assert out["finished"] == [[True, False], [True, True], [True, True, True]]
   assert out["context_stops"] == 0
+  assert out["tokens_sampled"] == (10 + 3) + (20 + 3) + (30 + 1)  # the turns' counts, summed
   assert all(p.count(d["instruction"]) == 2 for p, d in zip(calls[1], dialogs))  # every turn
   assert "The answer is 12." in calls[2][0]  # its own earlier answers
   # Going on after an unfinished answer (the evaluation's way): dialog 0 gets its third turn.
@@ -395,6 +397,8 @@ def test_stage_end_to_end_and_resume_bitwise(models, tmp_path, monkeypatch):
   resumed = stages.run(make_config(models), str(part))
   assert resumed["finished"] and len(turns) == sampled_turns - 1
   assert _rows(part / gatt_run.ROWS) == rows and not (part / "sampling").exists()
+  assert resumed["tokens_sampled"] == res["tokens_sampled"] > 0  # turn 1's count from its file
+  assert resumed["tokens_trained"] == res["tokens_trained"] > 0
   assert_same_run(full / "finetune", part / "finetune")
   for a, b in zip(_params(full / "final"), _params(part / "final")):
     np.testing.assert_array_equal(a, b)

@@ -78,6 +78,47 @@ def test_eval_at_start_and_on_save_hook(tmp_path):
   assert evals == [0, 2, 4] and saves == [2, 4]
 
 
+def _token_step(state, batch, rng):
+  del rng
+  return state.replace(step=state.step + 1), {"loss": 0.0, "real_tokens": jnp.sum(batch),
+                                              "sampled_tokens": 2 * jnp.sum(batch)}
+
+
+def _token_run(tmp_path, start, stop_after, **kw):
+  """Steps ``start``.. of a run whose step i has i + 1 real tokens; checkpoints every 2 steps."""
+  state = init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 0).replace(step=start)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=5, async_save=True)
+  run = Run(cfg=None, total_steps=7, step_fn=_token_step, abstract_state=None, init_state=None,
+            batches=iter([jnp.array([i + 1.0]) for i in range(start, 7)]), log_every=3,
+            stop_after_steps=stop_after, **kw)
+  try:
+    return loop.run_loop(run, state, start, ckpt, MetricWriter(str(tmp_path / "logs"),
+                                                               resume_step=start))
+  finally:
+    ckpt.close()
+
+
+def test_running_totals_count_every_step_across_a_resume(tmp_path):
+  totals = {"real_tokens": "tokens_trained", "sampled_tokens": "tokens_sampled"}
+  first = _token_run(tmp_path, 0, 5, totals=totals)  # steps 1-5, saved at 2, 4 and 5 (the stop)
+  assert first.last_step == 5 and first.totals == {"tokens_trained": 15.0, "tokens_sampled": 30.0}
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=5, async_save=False)
+  try:  # each checkpoint holds the totals of its own step, though the log window (3) straddles it
+    assert [ckpt.metadata(s)["totals"]["tokens_trained"] for s in (2, 4, 5)] == [3.0, 10.0, 15.0]
+  finally:
+    ckpt.close()
+  second = _token_run(tmp_path, 5, 0, totals=totals)
+  assert second.totals == {"tokens_trained": 28.0, "tokens_sampled": 56.0}  # 1 + ... + 7
+  assert second.last_metrics["tokens_trained"] == 28.0  # logged as a running total too
+
+
+def test_a_total_missing_from_the_checkpoint_is_none(tmp_path):
+  _token_run(tmp_path, 0, 4)  # the default totals: real_tokens only
+  res = _token_run(tmp_path, 4, 0, totals={"real_tokens": "tokens_trained",
+                                           "sampled_tokens": "tokens_sampled"})
+  assert res.totals == {"tokens_trained": 28.0, "tokens_sampled": None}
+
+
 def _nan_step(flags):
   """A step whose metrics say ``nonfinite`` per the list ``flags`` (one entry per step)."""
   def step(state, batch, rng):

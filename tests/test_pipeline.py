@@ -71,6 +71,19 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
                (work / "sft" / "logs" / "metrics.jsonl").read_text().splitlines()
                if json.loads(x)["split"] == "train"]
   assert sft_steps == list(range(1, 31))
+  # Tokens trained: every step's real_tokens (logged each step), the first run's included.
+  logged = lambda name: [json.loads(x) for x in
+                          (work / name / "logs" / "metrics.jsonl").read_text().splitlines()
+                          if json.loads(x)["split"] == "train"]
+  result = lambda name: json.loads((work / name / "result.json").read_text())
+  sft_rows = logged("sft")
+  assert result("sft")["tokens_trained"] == round(sum(r["real_tokens"] for r in sft_rows)) > 0
+  assert sft_rows[-1]["tokens_trained"] == result("sft")["tokens_trained"]
+  assert result("sft")["tokens_sampled"] == 0
+  ppo_rows = logged("ppo")  # 8 rollouts per iteration
+  assert result("ppo")["tokens_sampled"] == round(sum(8 * r["response_length"] for r in ppo_rows))
+  assert result("rs_1")["tokens_trained"] == result("rs_1/finetune")["tokens_trained"] > 0
+  assert result("rs_1")["tokens_sampled"] == result("rs_1")["sampled"]["tokens_sampled"] > 0
   for name in STAGES:
     assert wd.is_done(str(work / name)), name
   # Each stage starts from the previous one's checkpoint.
@@ -91,6 +104,8 @@ def test_pipeline_stops_resumes_skips_and_evaluates(tmp_path):
   assert names == ["SFT", "RLHF-V1 (RS)", "RLHF-V2 (RS)", "PPO", "PPO (oracle reward)"]
   sft = out["policies"][0]
   assert [r["wall_s"] for r in out["policies"]] == [walls[r["stage"]] for r in out["policies"]]
+  assert [r["tokens_trained"] for r in out["policies"]] == [
+      result(r["stage"])["tokens_trained"] for r in out["policies"]]
   assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
   assert sft["helpfulness_vs_sft"] == 0.0 and sft["helpfulness_vs_sft_ci"] == [0.0, 0.0]
   for row in out["policies"]:

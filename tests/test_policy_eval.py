@@ -99,6 +99,13 @@ def test_markdown_report_comes_from_the_json():
                                    "judge": "oracle", "policies": [row]})
   assert "| SFT | 0.250 [0.200, 0.300] |" in md
   assert "| SFT | 0.500 [0.400, 0.600] |" in md
+  assert md.count("| - | - / - |") == 1  # no wall time or token count recorded
+  md = evaluation.policy_markdown({"workdir": "/w", "num_prompts": 10, "n_benign": 8,
+                                   "samples_per_prompt": 4, "max_new_tokens": 32,
+                                   "judge": "oracle", "policies": [
+                                       {**row, "wall_s": 90.0, "tokens_trained": 1_234_567,
+                                        "tokens_sampled": 0}]})
+  assert "| 1.5 | 1.23 / 0.00 |" in md
 
 
 def test_markdown_overoptimization_gold_column_only_with_an_oracle():

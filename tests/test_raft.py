@@ -187,6 +187,9 @@ def test_rounds_end_to_end_and_resume_bitwise(models, tmp_path, monkeypatch):
   resumed = stages.run(make_config(models), str(part))
   assert resumed["finished"] and len(calls) == 1  # round 1 reused, round 2's 2nd batch only
   assert "wall_s" not in resumed["rounds"][0] and "wall_s" in resumed["rounds"][1]
+  for key in ("tokens_sampled", "tokens_trained"):  # the rounds' counts, summed; same as full
+    full_res = json.loads((full / "result.json").read_text())
+    assert resumed[key] == full_res[key] == sum(r[key] for r in resumed["rounds"]) > 0
   for a, b in zip(_params(full / "final"), _params(part / "final")):
     np.testing.assert_array_equal(a, b)
   assert_same_run(full / "round_2" / "finetune", part / "round_2" / "finetune")

@@ -203,15 +203,18 @@ def test_sample_k_reproducible_and_row_order(llama2_tokenizer_path):
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x * 20, params)
   prompts = [P1, P2]
-  a, done = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
-  b, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
-  c, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(2), 1.0, 6)
+  a, done, lengths = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
+  b, _, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(1), 1.0, 6)
+  c, _, _ = rs.sample_k(params, cfg, tok, prompts, 3, jax.random.key(2), 1.0, 6)
   assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
   assert [len(x) for x in done] == [3, 3] and all(isinstance(f, bool) for x in done for f in x)
   assert a != c
+  # A truncated sample used the whole budget; a finished one ended within it (EOS counted).
+  assert all((n == 6) if not f else (1 <= n <= 6) for x, y in zip(done, lengths)
+             for f, n in zip(x, y))
   assert len(set(a[0] + a[1])) > 1  # sampling, not one repeated string
   # Near-zero temperature: every sample of prompt i is prompt i's own greedy completion.
-  cold, cold_done = rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 1e-4, 6)
+  cold, cold_done, cold_len = rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 1e-4, 6)
   for i, p in enumerate(prompts):
     ids = tok.encode_dialog(p)[0].tolist()
     g = generate(params, cfg, [ids], jax.random.key(0), max_new_tokens=6, temperature=0.0,
@@ -220,5 +223,6 @@ def test_sample_k_reproducible_and_row_order(llama2_tokenizer_path):
     greedy = tok.decode(np.asarray(g.tokens[0, :n]).tolist()).strip()
     assert cold[i] == [greedy, greedy]
     assert cold_done[i] == [bool(g.finished[0])] * 2
+    assert cold_len[i] == [int(g.lengths[0])] * 2
   with pytest.raises(ValueError, match="temperature"):
     rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 0.0, 6)

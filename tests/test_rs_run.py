@@ -69,8 +69,11 @@ def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path, monkeypatch
   assert stopped["stopped_by_signal"] and not stopped["finished"]
   assert not (b / "sampled.jsonl").exists()
   assert [p.name for p in (b / "sampling").rglob("batch_*.json")] == ["batch_0000000.json"]
-  stages.get("rejection_sampling").run(config(), str(b))
+  resumed = stages.get("rejection_sampling").run(config(), str(b))
   assert not (b / "sampling").exists()
+  # Tokens sampled by the resumed pass: the same count (the first batch's from its file).
+  assert resumed["tokens_sampled"] == res["tokens_sampled"] > 0
+  assert resumed["tokens_trained"] == res["tokens_trained"] > 0
   assert calls.count(3) == res["sampled"]["prompts"] >= 2  # each batch sampled once
   assert (a / "sampled.jsonl").read_bytes() == (b / "sampled.jsonl").read_bytes()
   records = _records(a / "sampled.jsonl")

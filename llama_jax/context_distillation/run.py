@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -134,15 +133,16 @@ class ContextDistillationStage(stage_lib.Stage):
       if wd.is_done(workdir):
         return wd.read_json(os.path.join(workdir, wd.RESULT))
       wd.write_config(workdir, config)
-      rows = stage_lib.rows_or_sample(
+      sampled = stage_lib.rows_or_sample(
           config, workdir, ROWS,
           lambda stop: self._distil(config, workdir, tokenizer, prompts, stop),
           rs_lib.SamplingStopped, "context distillation")
-      if rows is None:
+      if sampled is None:
         return {"finished": False, "stopped_by_signal": True}
-      return self._finetune(config, workdir, rows)
+      return self._finetune(config, workdir, *sampled)
 
-  def _distil(self, config, workdir: str, tokenizer, prompts: List[dict], stop) -> List[dict]:
+  def _distil(self, config, workdir: str, tokenizer, prompts: List[dict],
+              stop) -> Tuple[List[dict], Optional[int]]:
     cd, rc = config.context_distillation, config.rejection_sampling
     policy = rs_lib.load_policy(config.init_from, tokenizer, build.mesh_and_rules(config)[0])
     key = jax.random.fold_in(jax.random.key(config.seed), 0xCD)
@@ -150,12 +150,13 @@ class ContextDistillationStage(stage_lib.Stage):
     variants = {"original": prompts,
                 "distilled": [{**p, "prompt": cd_lib.with_preprompt(p["prompt"], pre)}
                               for p, pre in zip(prompts, preprompts)]}
-    texts, finished = {}, {}
+    texts, finished, tokens = {}, {}, 0
     for i, (name, recs) in enumerate(variants.items()):
-      t, f = rs_lib.sample_texts(config, policy, tokenizer, recs, k=1,
+      t, f, n = rs_lib.sample_texts(config, policy, tokenizer, recs, k=1,
                                  temperature=float(rc.temperature),
                                  key=jax.random.fold_in(key, i),
                                  batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
+      tokens = None if tokens is None or n is None else tokens + n
       texts[name] = [row[0] for row in t]
       finished[name] = np.asarray([row[0] and bool(x[0].strip()) for row, x in zip(f, t)], bool)
     del policy
@@ -171,14 +172,9 @@ class ContextDistillationStage(stage_lib.Stage):
     rows = cd_lib.records(prompts, preprompts, texts["original"], texts["distilled"],
                           finished["original"], finished["distilled"], scores["original"],
                           scores["distilled"], kept, judge=judge)
-    if jax.process_index() == 0:
-      sources.write_jsonl(os.path.join(workdir, ROWS), rows)
-      shutil.rmtree(os.path.join(workdir, "sampling"), ignore_errors=True)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("context distillation: rows written")
-    return rows
+    return rows, tokens
 
-  def _finetune(self, config, workdir: str, rows: List[dict]) -> dict:
+  def _finetune(self, config, workdir: str, rows: List[dict], tokens: Optional[int]) -> dict:
     stats = summary(rows)
     log.info("context distillation: %s", stats)
     sft = cd_lib.sft_records(rows)
@@ -192,7 +188,7 @@ class ContextDistillationStage(stage_lib.Stage):
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("context distillation: sft_data written")
     return stage_lib.finetune_on(self.finetune, config, workdir, sft_jsonl, sft,
-                                 {"distilled": stats})
+                                 {"distilled": stats, "tokens_sampled": tokens})
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of

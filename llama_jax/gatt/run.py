@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -109,14 +108,14 @@ class GAttStage(stage_lib.Stage):
       if wd.is_done(workdir):
         return wd.read_json(os.path.join(workdir, wd.RESULT))
       wd.write_config(workdir, config)
-      rows = stage_lib.rows_or_sample(
+      sampled = stage_lib.rows_or_sample(
           config, workdir, ROWS, lambda stop: self._sample(config, workdir, tokenizer, stop),
           evaluate.Stopped, "gatt")
-      if rows is None:
+      if sampled is None:
         return {"finished": False, "stopped_by_signal": True}
-      return self._finetune(config, workdir, tokenizer, rows)
+      return self._finetune(config, workdir, tokenizer, *sampled)
 
-  def _sample(self, config, workdir: str, tokenizer, stop) -> List[dict]:
+  def _sample(self, config, workdir: str, tokenizer, stop) -> Tuple[List[dict], Optional[int]]:
     g, rc = config.gatt, config.rejection_sampling
     stream = int(g.prompt_stream)
     dialogs = world.instruction_dialogs(build.world_config(config), "train", int(g.num_dialogs),
@@ -143,13 +142,10 @@ class GAttStage(stage_lib.Stage):
                          mode=g.keep)
     for r, k in zip(rows, kept):
       r["kept"] = bool(k)
-    if jax.process_index() == 0:
-      sources.write_jsonl(os.path.join(workdir, ROWS), rows)
-      shutil.rmtree(os.path.join(workdir, "sampling"), ignore_errors=True)
-    _sync("rows written")
-    return rows
+    return rows, out["tokens_sampled"]
 
-  def _finetune(self, config, workdir: str, tokenizer, rows: List[dict]) -> dict:
+  def _finetune(self, config, workdir: str, tokenizer, rows: List[dict],
+                tokens: Optional[int]) -> dict:
     stats = summary(rows)
     log.info("gatt: %s", stats)
     sft = [gatt_lib.training_record(r["instruction"], r["turns"], r["answers"])
@@ -164,7 +160,7 @@ class GAttStage(stage_lib.Stage):
     _sync("sft_data written")
     then = lambda final_dir: self._evaluate(config, workdir, tokenizer, final_dir)
     return stage_lib.finetune_on(self.finetune, config, workdir, sft_jsonl, sft,
-                                 {"gatt_data": stats}, then=then)
+                                 {"gatt_data": stats, "tokens_sampled": tokens}, then=then)
 
   def _evaluate(self, config, workdir: str, tokenizer, final_dir: str) -> Dict[str, Any]:
     g, rc = config.gatt, config.rejection_sampling

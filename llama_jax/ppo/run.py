@@ -20,7 +20,9 @@ Llama 2 paper, Sec. 3.2.3; Huang et al. 2024 (arXiv 2403.17031). ``python train.
   ``r_help``, ``r_safe``, ``reward_whitened`` (mean R~c after the EOS trick), ``kl`` (rollout KL
   to pi_0, summed over tokens), ``approxkl``, ``clipfrac``, ``entropy``, ``policy_loss``,
   ``value_loss``, ``response_length``, ``eos_rate``, ``time_generation`` / ``time_scoring`` /
-  ``time_training`` (seconds); held-out evaluation (split ``eval``, :class:`HeldOut`) every
+  ``time_training`` (seconds), ``sampled_tokens`` / ``real_tokens`` (the iteration's response
+  tokens; the rollouts' non-padding tokens x ``ppo.epochs``) with their running totals
+  ``tokens_sampled`` / ``tokens_trained`` (also in ``result.json``); held-out evaluation (split ``eval``, :class:`HeldOut`) every
   ``ppo.eval_every`` iterations: mean reward of sampled completions at the PPO temperature, KL to
   the reference and to SFT, and on the world the oracle's gold reward and helpfulness.
 * early stopping: after ``ppo.patience`` evaluations without a better held-out reward the run
@@ -127,6 +129,10 @@ class Iteration:
                                          batch, gen, rc)
       exp = jax.block_until_ready(exp)
     t2 = time.perf_counter()
+    # For the running totals (Run.totals): response tokens sampled, and the rollouts' non-padding
+    # tokens times the passes the update makes over them.
+    counts = {"sampled_tokens": float(jnp.sum(gen.lengths)),
+              "real_tokens": float(jnp.sum(exp["segment_ids"] > 0)) * self.setup.ppo_cfg.epochs}
     state, upd = self.setup.update(state, exp, jax.random.fold_in(key, 1))
     upd = jax.device_get(upd)
     t3 = time.perf_counter()
@@ -136,6 +142,7 @@ class Iteration:
     m.update(rstats)
     m.update({k: float(v) for k, v in upd.items() if k not in ("skipped", "steps")})
     m.update(time_generation=t1 - t0, time_scoring=t2 - t1, time_training=t3 - t2)
+    m.update(counts)
     return state, m
 
 
@@ -264,6 +271,7 @@ class PPOStage(stage_lib.TrainingStage):
         eval_at_start=selection.progress["best"] is None, final_eval=False,
         should_stop=selection.should_stop, on_save=selection.save, export=selection.export,
         result=selection.result, desc="ppo", tokens_key="", progress_key="reward_raw",
+        totals={"real_tokens": "tokens_trained", "sampled_tokens": "tokens_sampled"},
         data_stats={"train_prompts": len(train_prompts), "train_dropped": train_prompts.dropped,
                     "held_out_prompts": len(eval_prompts)},
         checkpoint_every=int(c.checkpoint_every), log_every=1,

@@ -44,7 +44,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
@@ -128,9 +128,19 @@ def round_config(config, workdir: str, r: int):
   return sub
 
 
+TOTALS = ("tokens_sampled", "tokens_trained")
+
+
+def _sum(values) -> Optional[int]:
+  """The sum, or None when any value is unknown (a round of an older version)."""
+  values = list(values)
+  return None if any(v is None for v in values) else int(sum(values))
+
+
 def _summary(r: int, res: dict) -> Dict[str, Any]:
   s, ft = res.get("sampled", {}), res.get("finetune", {})
-  out = {"round": r, "finished": bool(res.get("finished"))}
+  out = {"round": r, "finished": bool(res.get("finished")),
+         **{k: res.get(k) for k in TOTALS}}
   out.update({k: s[k] for k in ("prompts", "temperature", "reward_mean", "reward_best",
                                 "truncated") if k in s})
   if "pooled" in s:
@@ -162,7 +172,9 @@ class RAFTStage(stage_lib.Stage):
     Returns:
       dict with ``finished``, ``rounds`` (per round: prompts, temperature, sample reward mean and
       best-of-K, truncated share, kept samples and their mean reward, fine-tuning steps and
-      held-out loss, ``wall_s`` when it ran in this call), ``ranking`` ("local" | "global"),
+      held-out loss, ``tokens_sampled`` / ``tokens_trained``, ``wall_s`` when it ran in this
+      call), ``ranking`` ("local" | "global"), the rounds' summed ``tokens_sampled`` /
+      ``tokens_trained``,
       ``final_dir`` when finished, ``stopped_at`` (a round) otherwise.
     Raises:
       ValueError / FileNotFoundError: from :func:`validate`, :func:`round_prompts`, a workdir of
@@ -212,7 +224,7 @@ class RAFTStage(stage_lib.Stage):
       log.info("raft: round %d: %s", r, out["rounds"][-1])
     out["final_dir"] = wd.copy_final(os.path.join(round_dir(workdir, len(batches)), wd.FINAL),
                                      workdir)
-    out["finished"] = True
+    out.update({k: _sum(x[k] for x in out["rounds"]) for k in TOTALS}, finished=True)
     wd.write_result(workdir, out)
     return out
 

@@ -105,8 +105,9 @@ class AnnotateStage(stage_lib.Stage):
 
     Returns:
       dict with ``final_dir``, ``pairs`` (total with the accumulated ones, ``new`` of this
-      round, per rating), ``prompts``, ``samples``, and ``sample_helpfulness`` /
-      ``sample_refusal_rate`` (oracle, over the samples).
+      round, per rating), ``prompts``, ``samples``, ``sample_helpfulness`` /
+      ``sample_refusal_rate`` (oracle, over the samples) and ``tokens_sampled`` (generated
+      tokens, EOS included).
     Raises:
       ValueError: for a non-world config or bad ``config.annotate`` fields, before sampling;
         FileNotFoundError for a missing ``init_from``.
@@ -121,15 +122,17 @@ class AnnotateStage(stage_lib.Stage):
     del params
     # A key of its own per round: the rejection-sampling iterations fold in 1, 2, ...
     key = jax.random.fold_in(jax.random.key(config.seed), (1 << 20) + int(ac.get("round", 1)))
-    texts, finished = rs_lib.sample_texts(config, rs_lib.Policy(cfg, gen_params), tokenizer, prompts,
-                                          k=int(ac.k), temperature=float(ac.temperature), key=key)
+    texts, finished, tokens = rs_lib.sample_texts(config, rs_lib.Policy(cfg, gen_params),
+                                                  tokenizer, prompts, k=int(ac.k),
+                                                  temperature=float(ac.temperature), key=key)
     # A truncated sample (no EOS within the budget) is not a complete answer: never annotated.
     pairs = [r for p, row, done in zip(prompts, texts, finished)
              for r in world.annotate(p["prompt"], [t for t, d in zip(row, done) if d])]
     if not pairs:
       raise ValueError("annotate: the samples gave no preference pair (all of equal quality); "
                        "raise config.annotate.num_prompts, k or temperature")
-    out = _summary(prompts, texts, finished, earlier + pairs, len(pairs), final)
+    out = {**_summary(prompts, texts, finished, earlier + pairs, len(pairs), final),
+           "tokens_sampled": tokens}
     if jax.process_index() == 0:
       sources.write_jsonl(os.path.join(workdir, "samples.jsonl"),
                           [{"prompt": p["prompt"], "samples": row, "finished": done}

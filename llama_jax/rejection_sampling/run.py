@@ -71,19 +71,19 @@ def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, 
                      temperature: float, key: jax.Array, batch_dir: Optional[str] = None,
                      stop=None):
   """K samples per prompt and their rewards: ([n][k] texts, [n, k] bool finished, [n, k] float
-  scores ``Rc`` of ``scorer`` (``scoring.Scorer``); truncated samples are scored too, but
-  callers never pick them. An empty sample (EOS first) counts as not finished: it is no answer
+  scores ``Rc`` of ``scorer`` (``scoring.Scorer``), tokens sampled (``rs_lib.sample_texts``));
+  truncated samples are scored too, but callers never pick them. An empty sample (EOS first) counts as not finished: it is no answer
   to fine-tune on. ``batch_dir``, ``stop``: as in ``rs_lib.sample_texts`` (resumable batches;
   raises ``rs_lib.SamplingStopped``)."""
-  texts, finished = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
-                                        temperature=temperature, key=key, batch_dir=batch_dir,
-                                        stop=stop)
+  texts, finished, tokens = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
+                                                temperature=temperature, key=key,
+                                                batch_dir=batch_dir, stop=stop)
   finished = [[f and bool(t.strip()) for t, f in zip(row, done)]
               for row, done in zip(texts, finished)]
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
   flat_safety = [bool(p.get("is_safety", False)) for p in prompts for _ in range(k)]
   scores = scorer(flat_prompts, [t for row in texts for t in row], flat_safety)["rc"]
-  return texts, np.asarray(finished, bool), scores.reshape(len(prompts), k)
+  return texts, np.asarray(finished, bool), scores.reshape(len(prompts), k), tokens
 
 
 def curve_scores(scores, finished) -> np.ndarray:
@@ -102,7 +102,7 @@ def temperature_curve(config, policy, tokenizer, scorer, prompts, key) -> Option
     return None
   sub, by_t = prompts[:rc.plot_prompts], {}
   for i, t in enumerate(temps):
-    _, done, s = sample_and_score(config, policy, tokenizer, scorer, sub, k=rc.plot_k,
+    _, done, s, _ = sample_and_score(config, policy, tokenizer, scorer, sub, k=rc.plot_k,
                                   temperature=t, key=jax.random.fold_in(key, 1000 + i))
     by_t[t] = curve_scores(s, done)
   return rs_lib.reward_vs_temperature(by_t, estimator="subsets")
@@ -125,9 +125,11 @@ def _write_figures(fig_dir: str, figures: dict) -> None:
   wd.write_json(os.path.join(fig_dir, "figures.json"), figures)
 
 
-def _sample_stats(prompts, k: int, temperature: float, texts, finished, scores) -> dict:
+def _sample_stats(prompts, k: int, temperature: float, texts, finished, scores,
+                  tokens: Optional[int]) -> dict:
   curve_s = curve_scores(scores, finished)
   return {"prompts": len(prompts), "k": int(k), "temperature": temperature,
+          "tokens_sampled": tokens,
           "truncated": float(1.0 - finished.mean()),  # no EOS within the budget, or empty
           "empty": float(np.mean([not t.strip() for row in texts for t in row])),
           "prompts_without_finished_sample": int((~finished.any(axis=1)).sum()),
@@ -207,7 +209,7 @@ class _Iteration:
       log.info("rejection sampling: reusing %s", sampled_path)
       return rs_lib.read_jsonl(sampled_path), wd.read_json(stats_path)
     batch_dir = os.path.join(self.workdir, "sampling", f"T{temperature:g}")
-    texts, finished, scores = sample_and_score(self.config, self.policy(), self.tokenizer,
+    texts, finished, scores, tokens = sample_and_score(self.config, self.policy(), self.tokenizer,
                                                self.scorer, prompts, k=rc.k,
                                                temperature=temperature, key=self.key,
                                                batch_dir=batch_dir, stop=stop)
@@ -215,7 +217,7 @@ class _Iteration:
                                   iteration=rc.iteration, temperature=temperature,
                                   finished=finished,
                                   is_safety=[bool(p.get("is_safety", False)) for p in prompts])
-    stats = _sample_stats(prompts, rc.k, temperature, texts, finished, scores)
+    stats = _sample_stats(prompts, rc.k, temperature, texts, finished, scores, tokens)
     self.figures["reward_vs_n"] = {self.label: rs_lib.reward_vs_n(
         curve_scores(scores, finished), estimator="subsets")}
     _write_figures(self.fig_dir, self.figures)
@@ -327,7 +329,8 @@ class RejectionSamplingStage(stage_lib.Stage):
     log.info("rejection sampling V%d: %s", rc.iteration, stats)
     return stage_lib.finetune_on(self.finetune, config, workdir, sft_jsonl, sft_records,
                                  {"iteration": rc.iteration, "sampled": stats,
-                                  "figures": it.figures})
+                                  "figures": it.figures,
+                                  "tokens_sampled": stats.get("tokens_sampled")})
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of

@@ -367,7 +367,8 @@ def plot_reward_vs_temperature(curves: Mapping[str, Mapping[str, list]],
 
 def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], k: int,
              key: jax.Array, temperature: float, max_new_tokens: int, *, top_p: float = 1.0,
-             pad_to_multiple: int = 16) -> tuple[List[List[str]], List[List[bool]]]:
+             pad_to_multiple: int = 16
+             ) -> tuple[List[List[str]], List[List[bool]], List[List[int]]]:
   """K sampled completions per dialog prompt (one batch of K rows per prompt).
 
   Row ``i * K + j`` of the batch is sample ``j`` of prompt ``i``; generation is
@@ -382,7 +383,7 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
     top_p: nucleus filter. pad_to_multiple: prompt padding granularity (fewer recompiles).
   Returns:
     ([n_prompts][K] decoded strings, [n_prompts][K] bool: the sample ended with EOS within
-    ``max_new_tokens``; False = truncated).
+    ``max_new_tokens``; False = truncated, [n_prompts][K] int: tokens generated, EOS included).
   Raises:
     ValueError: if ``k`` < 1, ``temperature`` <= 0 or ``prompts`` is empty.
   """
@@ -398,8 +399,9 @@ def sample_k(params, cfg, tokenizer, prompts: Sequence[Sequence[Mapping[str, str
                           pad_id=tokenizer.pad_id, pad_to_multiple=pad_to_multiple, num_samples=k)
   texts = sampling.decode(out, tokenizer)
   done = np.asarray(out.finished).tolist()
-  return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
-          [done[i * k:(i + 1) * k] for i in range(len(prompts))])
+  lengths = np.asarray(out.lengths).tolist()
+  rows = lambda flat: [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+  return rows(texts), rows(done), rows(lengths)
 
 
 class Policy(NamedTuple):
@@ -432,11 +434,14 @@ class SamplingStopped(Exception):
 
 def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
                  key: jax.Array, batch_dir: Optional[str] = None,
-                 stop: Optional[Callable[[], bool]] = None) -> tuple[List[List[str]], List[List[bool]]]:
-  """K samples per prompt record (``{"prompt": dialog, ...}``): ([n][k] texts, [n][k] finished),
-  generated in batches of ``config.rejection_sampling.batch_size`` prompts (batch at offset i
-  with key ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``. policy: a
-  :class:`Policy`. ``finished`` False marks a sample truncated at the token budget.
+                 stop: Optional[Callable[[], bool]] = None
+                 ) -> tuple[List[List[str]], List[List[bool]], Optional[int]]:
+  """K samples per prompt record (``{"prompt": dialog, ...}``): ([n][k] texts, [n][k] finished,
+  tokens sampled), generated in batches of ``config.rejection_sampling.batch_size`` prompts
+  (batch at offset i with key ``fold_in(key, i)``) with its ``max_new_tokens`` and ``top_p``.
+  policy: a :class:`Policy`. ``finished`` False marks a sample truncated at the token budget.
+  The tokens sampled (generated tokens, EOS included, summed) are None when a reused batch
+  file predates their count.
 
   ``batch_dir``: each finished batch is written there (process 0, ``batch_<i>.json``) and reused
   by a later call, so an interrupted pass resumes where it stopped with the same samples.
@@ -446,25 +451,29 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
   cfg, params = policy.cfg, policy.params
   texts: List[List[str]] = []
   finished: List[List[bool]] = []
+  tokens: Optional[int] = 0
   for start in range(0, len(prompts), rc.batch_size):
     path = batch_dir and os.path.join(batch_dir, f"batch_{start:07d}.json")
     if path and os.path.isfile(path):
       with open(path) as fh:
         done = json.load(fh)
-      t, f = done["texts"], done["finished"]
+      t, f, n = done["texts"], done["finished"], done.get("tokens")
     else:
       chunk = [p["prompt"] for p in prompts[start:start + rc.batch_size]]
       with (sharding.activate(policy.mesh, sharding.GENERATION_RULES) if policy.mesh is not None
             else contextlib.nullcontext()):
-        t, f = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
-                        temperature, rc.max_new_tokens, top_p=rc.top_p)
+        t, f, lengths = sample_k(params, cfg, tokenizer, chunk, k, jax.random.fold_in(key, start),
+                                 temperature, rc.max_new_tokens, top_p=rc.top_p)
+      n = int(sum(map(sum, lengths)))
       if path and jax.process_index() == 0:
         os.makedirs(batch_dir, exist_ok=True)
         with open(path + ".tmp", "w") as fh:
-          json.dump({"texts": t, "finished": [[bool(x) for x in row] for row in f]}, fh)
+          json.dump({"texts": t, "finished": [[bool(x) for x in row] for row in f],
+                     "tokens": n}, fh)
         os.replace(path + ".tmp", path)
     texts += t
     finished += f
+    tokens = None if tokens is None or n is None else tokens + n
     if stop is not None and stop():
       raise SamplingStopped(f"stopped after {start + len(t)} of {len(prompts)} prompts")
-  return texts, finished
+  return texts, finished, tokens

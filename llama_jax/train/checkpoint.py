@@ -65,8 +65,11 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
-  def save(self, step: int, state: Any, data_iterator: Any = None) -> bool:
-    """Start saving (async unless disabled). Returns False if a checkpoint of ``step`` exists."""
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           metadata: Optional[dict] = None) -> bool:
+    """Start saving (async unless disabled). Returns False if a checkpoint of ``step`` exists.
+    ``metadata``: a small JSON dict kept with the step (orbax's ``custom_metadata``; e.g. the
+    loop's running totals), read back by :meth:`metadata`."""
     if step in self.all_steps():
       return False
     self._list_finished()
@@ -74,10 +77,15 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                               custom_metadata=metadata)
     if saved and self.checksums:
       self._unlisted = step
     return saved
+
+  def metadata(self, step: int) -> dict:
+    """The ``metadata`` dict saved with checkpoint ``step`` ({} when it was saved without one)."""
+    return dict(self._manager.metadata(step).custom_metadata or {})
 
   def _check_space(self, state: Any):
     """Raises OSError(ENOSPC) before a save that cannot fit on the disk (orbax would fail

@@ -30,6 +30,9 @@ class LoopResult:
     stopped_by_signal: SIGTERM/SIGINT stopped the loop (it saved first).
     stopped_early: the stage's ``should_stop`` ended training (e.g. PPO's patience).
     last_metrics: the last logged train metrics. last_eval: the last evaluation's metrics.
+    totals: running totals over every step of the stage (earlier runs included), e.g.
+      ``tokens_trained`` (``Run.totals``); a total is None when the run resumed from a
+      checkpoint saved without it (an older version).
   """
 
   state: Any
@@ -38,6 +41,7 @@ class LoopResult:
   stopped_early: bool
   last_metrics: dict
   last_eval: dict
+  totals: dict = dataclasses.field(default_factory=dict)
 
 
 class _Loop:
@@ -53,6 +57,22 @@ class _Loop:
     self.saved_step = start
     self.nonfinite_run = 0  # consecutive steps skipped for a NaN/Inf loss or gradient
     self.finite = jax.jit(all_finite)
+    saved = checkpointer.metadata(start).get("totals", {}) if checkpointer and start else {}
+    self.totals = {name: (saved.get(name) if start else 0.0) for name in run.totals.values()}
+
+  def _add(self, totals: dict, host: list) -> dict:
+    """``totals`` plus the ``run.totals`` metrics summed over the steps ``host`` (None stays)."""
+    out = dict(totals)
+    for key, name in self.run.totals.items():
+      if out[name] is not None:
+        out[name] += float(sum(x.get(key, 0.0) for x in host))
+    return out
+
+  def current_totals(self) -> dict:
+    """The running totals up to the last step taken (logged window or not)."""
+    keys = set(self.run.totals)
+    return self._add(self.totals, jax.device_get(
+        [{k: v for k, v in x.items() if k in keys} for x in self.window]))
 
   def check_nonfinite(self, host: list, step: int) -> None:
     """Count consecutive non-finite steps of the window; halt after ``max_nonfinite_steps``.
@@ -79,6 +99,8 @@ class _Loop:
     if self.run.tokens_key in m:
       m["tokens_per_s"] = float(sum(x[self.run.tokens_key] for x in host)) / (now - self.tick)
     m["steps_per_s"] = len(host) / (now - self.tick)
+    self.totals = self._add(self.totals, host)
+    m.update({k: v for k, v in self.totals.items() if v is not None})
     self.writer.write(step, m, "train")
     key = self.run.progress_key
     shown = {key: f"{m.get(key, float('nan')):.4g}"}
@@ -95,7 +117,8 @@ class _Loop:
     if not bool(self.finite(state)):  # cannot happen through apply_gradients; never saved
       raise FloatingPointError(f"{self.run.desc}: the state at step {step} holds NaN/Inf values; "
                                f"not saved (the last checkpoint, step {self.saved_step}, is kept)")
-    self.ckpt.save(step, state, batches if hasattr(batches, "get_state") else None)
+    self.ckpt.save(step, state, batches if hasattr(batches, "get_state") else None,
+                   metadata={"totals": self.current_totals()})
     self.saved_step = step
     if self.run.on_save is not None:
       self.ckpt.wait()
@@ -169,4 +192,5 @@ def run_loop(run, state, start: int, checkpointer: Optional[Checkpointer],
   finally:
     stop.restore()
     loop.progress.close()
-  return LoopResult(state, step, stop.requested, early, loop.last_metrics, loop.last_eval)
+  return LoopResult(state, step, stop.requested, early, loop.last_metrics, loop.last_eval,
+                    loop.current_totals())

@@ -28,15 +28,18 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import sampling, sharding
 from llama_jax.config import LlamaConfig
+from llama_jax.data import sources
 from llama_jax.train import build, settings
 from llama_jax.train import workdir as wd
 from llama_jax.train.checkpoint import Checkpointer, StopSignal
@@ -74,6 +77,10 @@ class Run:
     result: extra ``result.json`` keys from the :class:`~llama_jax.train.loop.LoopResult`.
     data_stats: written to ``data_stats.json``. desc: progress label. tokens_key: metric
       summed for tokens/s. progress_key: metric shown on the progress bar.
+    totals: step metric -> name of its running total over the whole stage (resumes included:
+      kept in each checkpoint's metadata), logged with the train metrics and written to
+      ``result.json``; default ``real_tokens`` -> ``tokens_trained`` (non-padding tokens of the
+      optimizer steps' batches).
     checkpoint_every, log_every, stop_after_steps: intervals (0 = off), from ``config.train``.
     max_nonfinite_steps: halt after this many consecutive non-finite steps (0 = never).
     stop_grace_s: seconds a step may take after a stop signal before the process ends unsaved.
@@ -99,6 +106,8 @@ class Run:
   desc: str = "train"
   tokens_key: str = "real_tokens"
   progress_key: str = "loss"
+  totals: Dict[str, str] = dataclasses.field(
+      default_factory=lambda: {"real_tokens": "tokens_trained"})
   checkpoint_every: int = 0
   log_every: int = 10
   stop_after_steps: int = 0
@@ -325,7 +334,9 @@ def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
     out: Dict[str, Any] = {"steps": res.last_step, "total_steps": run.total_steps,
                            "finished": finished, "stopped_by_signal": res.stopped_by_signal,
                            "stopped_early": res.stopped_early, "train": res.last_metrics,
-                           "eval": res.last_eval}
+                           "eval": res.last_eval,
+                           "tokens_sampled": 0,  # unless the stage counts them (PPO)
+                           **{k: None if v is None else int(round(v)) for k, v in res.totals.items()}}
     if run.result is not None:
       out.update(run.result(res))
     if finished:
@@ -335,27 +346,42 @@ def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
   return out
 
 
+SAMPLED_STATS = "sampled_stats.json"  # a sampling stage's counts, written before its rows file
+
+
 def rows_or_sample(config, workdir: str, rows_file: str,
-                   sample: Callable[[Callable[[], bool]], List[dict]],
-                   stopped: type, what: str) -> Optional[List[dict]]:
-  """The rows of ``<workdir>/<rows_file>`` (JSONL, this stage's own file, written atomically)
-  when a run wrote them, else ``sample(stop)``: ``stop()`` turns True after a SIGTERM / SIGINT
-  (``train.stop_grace_s``), and ``sample`` then raises ``stopped`` after its current batch, which
-  returns None (the next run resumes from what it kept under ``<workdir>/sampling``). The
-  sampling step of context distillation and Ghost Attention."""
+                   sample: Callable[[Callable[[], bool]], Any],
+                   stopped: type, what: str) -> Optional[tuple]:
+  """``(rows, tokens_sampled)``: the rows of ``<workdir>/<rows_file>`` (JSONL, this stage's own
+  file) when a run wrote them, else ``sample(stop) -> (rows, tokens_sampled)``, which this writes
+  (process 0: ``sampled_stats.json``, then the rows atomically; ``<workdir>/sampling``, the
+  partial samples, removed; every process waits). ``stop()`` turns True after a SIGTERM /
+  SIGINT (``train.stop_grace_s``), and ``sample`` then raises ``stopped`` after its current
+  batch, which returns None (the next run resumes from what it kept under
+  ``<workdir>/sampling``). ``tokens_sampled`` is None when unknown (rows of an older version).
+  The sampling step of context distillation and Ghost Attention."""
   path = os.path.join(workdir, rows_file)
+  stats_path = os.path.join(workdir, SAMPLED_STATS)
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+      rows = [json.loads(line) for line in f if line.strip()]
+    return rows, wd.read_json(stats_path, {}).get("tokens_sampled")
   stop = StopSignal(grace_s=float(config.train.stop_grace_s))
   try:
-    return sample(lambda: stop.requested)
+    rows, tokens = sample(lambda: stop.requested)
   except stopped as err:
     logging.getLogger(__name__).info("%s: %s by a signal; the next run resumes from %s", what,
                                      err, os.path.join(workdir, "sampling"))
     return None
   finally:
     stop.restore()
+  if jax.process_index() == 0:
+    wd.write_json(stats_path, {"tokens_sampled": tokens})
+    sources.write_jsonl(path, rows)
+    shutil.rmtree(os.path.join(workdir, "sampling"), ignore_errors=True)
+  if jax.process_count() > 1:  # the fine-tune reads the rows on every process
+    multihost_utils.sync_global_devices(f"{what}: rows written")
+  return rows, tokens
 
 
 def finetune_on(finetune: Stage, config, workdir: str, sft_jsonl: str, sft_records: list,
@@ -365,14 +391,15 @@ def finetune_on(finetune: Stage, config, workdir: str, sft_jsonl: str, sft_recor
   stage) in ``<workdir>/finetune`` (``build.finetune_config``: ``rejection_sampling``'s LR and
   epochs); ``out`` gains ``finetune`` (steps, held-out eval, finished) and ``finished``, and when
   finished ``final_dir`` (a copy of the fine-tune's ``final/``) and ``then(final_dir)``'s fields
-  (e.g. an evaluation of the result), and is written as ``result.json``. The last step of
+  (e.g. an evaluation of the result), and ``tokens_trained`` (the fine-tune's), and is written
+  as ``result.json``. The last step of
   rejection sampling, context distillation and Ghost Attention."""
   tok_path = (os.path.join(workdir, "tokenizer.model") if config.tokenizer.path == "world"
               else config.tokenizer.path)
   ft = finetune.run(build.finetune_config(config, sft_jsonl, tok_path, sft_records),
                     os.path.join(workdir, "finetune"))
   out = {**out, "finetune": {k: ft.get(k) for k in ("steps", "total_steps", "eval", "finished")},
-         "finished": bool(ft.get("finished"))}
+         "finished": bool(ft.get("finished")), "tokens_trained": ft.get("tokens_trained")}
   if ft.get("finished"):
     out["final_dir"] = wd.copy_final(ft["final_dir"], workdir)
     if then is not None:
