@@ -251,3 +251,19 @@ def test_shipped_config_passes_the_stage_checks(tmp_path):
   (tmp_path / "sft" / "final" / "params.json").write_text("{}")
   settings.validate(sub, str(tmp_path / "w"), sections.SECTIONS)
   cd_run.validate(sub)
+
+
+@pytest.mark.parametrize("name,preset,mesh", [("distill_7b", "llama2_7b", (1, 8, 1)),
+                                              ("distill_70b", "llama2_70b", (1, 8, 8))])
+def test_shipped_pod_configs_pass_the_stage_checks(name, preset, mesh, tmp_path):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert (c.stage, c.model.preset, tuple(c.mesh.shape)) == ("context_distillation", preset, mesh)
+  assert (c.context_distillation.preprompt, c.context_distillation.targeted) == ("generic", True)
+  for d in ("policy", "help", "safe"):
+    (tmp_path / d).mkdir()
+  (tmp_path / "policy" / "params.json").write_text("{}")
+  c.init_from = str(tmp_path / "policy")
+  c.rejection_sampling.help_rm = str(tmp_path / "help")
+  c.rejection_sampling.safety_rm = str(tmp_path / "safe")
+  settings.validate(c, str(tmp_path / "w"), sections.SECTIONS)
+  cd_run.validate(c)
