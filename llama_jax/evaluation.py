@@ -154,7 +154,8 @@ def _policy_intro(result: Mapping[str, Any], world_eval: bool) -> list[str]:
           "(tie = half a win). Wall time and tokens: the policy's own stage (not the SFT policy, "
           "reward models or samples it starts from); tokens trained = non-padding tokens of its "
           "optimizer steps' batches, tokens sampled = tokens it generated (EOS included); "
-          "forward-only passes (reward-model scoring, DPO's reference log-probs) are not "
+          "forward-only passes (reward-model scoring, DPO's reference log-probs, RAFT's "
+          "log-ratios) are not "
           "counted; '-' = not recorded (a stage run by an older version).", ""]
 
 

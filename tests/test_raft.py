@@ -11,16 +11,20 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
+
+import llama_jax as lj
 from llama_jax import convert
 from llama_jax.data import prompts as prompts_lib
 from llama_jax.raft import run as raft_run
 from llama_jax.raft import step as raft
 from llama_jax.recipe import dry_run, sections, stages
 from llama_jax.rejection_sampling import step as rs_lib
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import settings
 from train_helpers import assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config
 
@@ -98,6 +102,27 @@ def test_kept_records_are_one_sample_records_in_order():
   assert rs_lib.to_sft_records(kept)[2]["messages"][-1] == {"role": "assistant", "content": "f"}
 
 
+def test_kl_regularized_ranking_matches_a_loop_and_keeps_the_raw_scores():
+  rng = np.random.default_rng(0)
+  scores, ratios = rng.random((5, 4)), rng.normal(size=(5, 4)) * 3
+  got = raft.kl_regularized(scores, ratios, 0.05)
+  for i in range(5):
+    for j in range(4):
+      assert got[i, j] == pytest.approx(scores[i, j] - 0.05 * ratios[i, j])
+  np.testing.assert_array_equal(raft.kl_regularized(scores, ratios, 0.0), scores)
+  records = rs_lib.make_records([[{"role": "user", "content": f"q{i}"}] for i in range(2)],
+                                [["a", "b"], ["c", "d"]], [[0.9, 0.8], [0.1, 0.2]],
+                                iteration=2, temperature=1.0)
+  # "a" outscores "b" by 0.1 but drifted 4 nats further from pi_0: at kl_coef 0.05, "b" wins.
+  kept = raft.kept_records(records, 0.0, 4, ranking=raft.kl_regularized(
+      [[0.9, 0.8], [0.1, 0.2]], [[4.0, 0.0], [0.0, 0.0]], 0.05))
+  assert [r["samples"] for r in kept] == [["b"], ["d"]] and kept[0]["scores"] == [0.8]
+  for bad, match in (((scores, ratios[:, :2], 0.1), "shape"), ((scores, ratios, -1.0), "kl_coef"),
+                     ((scores, ratios * np.nan, 0.1), "NaN")):
+    with pytest.raises(ValueError, match=match):
+      raft.kl_regularized(*bad)
+
+
 @pytest.mark.parametrize("args,match", [
     (([[np.nan, 1.0]],), "NaN"), (([[1.0, 2.0]], None, 1.5), "keep_fraction"),
     (([[1.0, 2.0]], None, -0.1), "keep_fraction"), (([[1.0, 2.0]], None, 0.4), "keeps none"),
@@ -124,6 +149,52 @@ def make_config(models, **raft_fields):
   for k, v in raft_fields.items():
     c.raft[k] = v
   return c
+
+
+def test_log_ratios_match_a_row_by_row_reference(models, tmp_path):
+  """raft_run.log_ratios (batched, padded, 64-token widths) against one unpadded forward pass
+  per row and a loop over its response tokens; a policy against itself gives 0."""
+  c = make_config(models)
+  tok = Tokenizer(str(models / "tok" / "tokenizer.model"))
+  other = tmp_path / "other"
+  cfg, params = convert.load_orbax(str(models / "policy"))
+  convert.save_orbax(other, cfg, jax.tree.map(lambda x: x * 1.1, params))
+  prompts = [[{"role": "user", "content": "What is 2 plus 3?"}],
+             [{"role": "user", "content": "Name a color."}]]
+  records = rs_lib.make_records(prompts, [["The answer is 5.", ""], ["Red.", "Blue, I think."]],
+                                [[0.5, 0.1], [0.2, 0.3]], iteration=2, temperature=1.0)
+  c.rejection_sampling.batch_size, c.rejection_sampling.k = 1, 3  # 3 rows per pass: padded
+  got = raft_run.log_ratios(c, records, tok, str(other))
+  assert got.shape == (2, 2)
+  def logp(p, prompt, text):
+    ids, mask = tok.encode_dialog(prompt + [{"role": "assistant", "content": text}])
+    logits = np.asarray(lj.forward(p, jnp.asarray([ids]), cfg)[0], np.float64)
+    total = 0.0
+    for i in range(1, len(ids)):
+      if mask[i]:
+        row = logits[i - 1]
+        total += row[ids[i]] - (np.log(np.sum(np.exp(row - row.max()))) + row.max())
+    return total
+  other_params = convert.load_orbax(str(other))[1]
+  for i, r in enumerate(records):
+    for j, text in enumerate(r["samples"]):
+      want = logp(other_params, r["prompt"], text) - logp(params, r["prompt"], text)
+      assert got[i, j] == pytest.approx(want, abs=2e-3), (i, j)
+  np.testing.assert_allclose(raft_run.log_ratios(c, records, tok, str(models / "policy")), 0.0)
+
+
+def test_stage_with_kl_coef_ranks_round_2_by_the_regularized_reward(models, tmp_path):
+  work = rl_workdir(models, tmp_path, "kl")
+  res = stages.run(make_config(models, kl_coef=0.5), str(work))
+  assert res["finished"] and res["kl_coef"] == 0.5
+  records = _records(work / "round_2" / "sampled.jsonl")
+  tok = Tokenizer(str(work / "round_2" / "tokenizer.model"))
+  ratios = raft_run.log_ratios(make_config(models, kl_coef=0.5), records, tok,
+                               str(work / "round_1" / "final"))
+  ranking = raft.kl_regularized([r["scores"] for r in records], ratios, 0.5)
+  want = [[r["samples"][j]] for r, row in zip(records, raft.select(
+      ranking, [r["finished"] for r in records])) for j in np.flatnonzero(row)]
+  assert [r["samples"] for r in _records(work / "round_2" / "pooled.jsonl")] == want
 
 
 def _records(path):
@@ -219,6 +290,7 @@ def test_global_ranking_keeps_the_top_share_of_the_round(models, tmp_path):
     (lambda c: c.raft.update(num_rounds=0), "config.raft.num_rounds"),
     (lambda c: c.raft.update(keep_fraction=1 / 13), "config.raft.keep_fraction"),
     (lambda c: c.raft.update(keep_fraction=1.5), "config.raft.keep_fraction"),
+    (lambda c: c.raft.update(kl_coef=-0.1), "raft.kl_coef"),
     (lambda c: c.rejection_sampling.update(sample_from="x"), "rejection_sampling.sample_from"),
     (lambda c: c.rejection_sampling.update(pool_from="x"), "rejection_sampling.pool_from"),
     (lambda c: c.rejection_sampling.update(auto_temperature=True), "auto_temperature"),
@@ -257,6 +329,9 @@ def test_dry_run_plans_a_rounds_finetune_step_and_sampling_pass():
   assert [s["name"].split(" ")[0] for s in p["steps"]] == ["sft.train_step", "sampling.sample"]
   assert p["steps"][1]["batch_shapes"]["tokens"] == (4 * 8, c.rejection_sampling.max_new_tokens)
   assert any("scoring" in u for u in p["unavailable"])
+  assert not any("kl_coef" in u for u in p["unavailable"])
+  c.raft.kl_coef = 0.1
+  assert any("kl_coef" in u for u in stages.get("raft").unavailable(c))
 
 
 @pytest.mark.parametrize("name,preset,mesh", [("raft_tiny", "tiny", (1, -1, 1)),

@@ -11,7 +11,11 @@ Round r = 1 .. ``raft.num_rounds``, each from the policy the round before left (
   2. data ranking: their rewards (``rejection_sampling.reward``: the RMs' combined ``Rc`` or the
      world oracle); kept: the best sample of each prompt (local ranking, ``raft.keep_fraction = 0``,
      the paper's default) or the top ``keep_fraction`` of all b x K samples (global ranking,
-     ``raft.step.select``); a truncated sample (no EOS) is never kept;
+     ``raft.step.select``); a truncated sample (no EOS) is never kept. With ``raft.kl_coef`` > 0
+     the ranking is by the KL-regularized reward ``r - kl_coef * log(pi_r(y|x) / pi_0(y|x))``
+     (``raft.step.kl_regularized``; :func:`log_ratios` scores every sample under the round's
+     policy and ``init_from`` once, from round 2 on), which keeps the rounds from drifting
+     toward what a learned reward over-rates;
   3. fine-tuning: SFT on the kept samples (``rejection_sampling.lr``, ``num_epochs`` /
      ``num_steps``, a fresh optimizer) from the current policy: the next round's policy.
 Collection and fine-tuning are decoupled: a round is one iteration of the rejection-sampling
@@ -49,8 +53,12 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
+from llama_jax import sharding
+from llama_jax.data import input_pipeline
 from llama_jax.data import prompts as prompts_lib
+from llama_jax.dpo import step as dpo_lib
 from llama_jax.raft import step as raft_lib
+from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.train import build
 from llama_jax.train import stage as stage_lib
 from llama_jax.train import workdir as wd
@@ -111,6 +119,47 @@ def round_prompts(config, workdir: str) -> List[List[dict]]:
   order = np.random.default_rng([int(config.seed), 0x4AF7]).permutation(len(prompts))
   prompts = [prompts[i] for i in order[:rounds * n]]
   return [prompts[i * n:(i + 1) * n] for i in range(rounds)]
+
+
+_sequence_logprobs = jax.jit(dpo_lib.sequence_logprobs, static_argnames="cfg")
+
+
+def _logprobs(policy: rs_lib.Policy, tokenizer, rows: List[tuple], batch_size: int) -> np.ndarray:
+  """[n] ``log pi(response | prompt)`` of ``rows`` ((dialog, response text) pairs, re-encoded in
+  chat format with EOS), ``batch_size`` rows per pass (the last padded with empty rows, so
+  every pass has one shape per 64-token width); 0 for a row longer than the context."""
+  cfg, out = policy.cfg, np.zeros(len(rows))
+  enc = [input_pipeline.encode_response(tokenizer, p, text, cfg.max_seq_len) for p, text in rows]
+  for start in range(0, len(rows), batch_size):
+    chunk = enc[start:start + batch_size]
+    width = max([int(e[1].sum()) for e in chunk if e is not None] + [1])
+    width = min(-(-width // 64) * 64, cfg.max_seq_len)
+    arrays = [np.zeros((batch_size, width), t) for t in (np.int32, bool, bool)]
+    for i, e in enumerate(chunk):
+      if e is not None:
+        for a, x in zip(arrays, e):
+          a[i] = x[:width]
+    with sharding.activate(policy.mesh, sharding.GENERATION_RULES):
+      logps = _sequence_logprobs(policy.params, cfg=cfg, tokens=arrays[0], mask=arrays[1],
+                                 response_mask=arrays[2])
+    out[start:start + len(chunk)] = np.asarray(logps)[:len(chunk)]
+  return out
+
+
+def log_ratios(config, records: List[dict], tokenizer, policy_path: str) -> np.ndarray:
+  """[n_records, K] ``log pi(y|x) - log pi_0(y|x)`` of every sample of ``records`` (a round's
+  sampled set): ``pi`` the round's policy (``policy_path``), ``pi_0`` ``config.init_from``; one
+  model in memory at a time, on the generation layout, ``rejection_sampling.batch_size x k``
+  rows per pass. The samples are re-encoded from their text (the tokens sampled are not kept)."""
+  rc = config.rejection_sampling
+  rows = [(r["prompt"], text) for r in records for text in r["samples"]]
+  mesh = build.mesh_and_rules(config)[0]
+  logps = []
+  for path in (policy_path, config.init_from):
+    policy = rs_lib.load_policy(path, tokenizer, mesh)
+    logps.append(_logprobs(policy, tokenizer, rows, int(rc.batch_size) * int(rc.k)))
+    del policy
+  return (logps[0] - logps[1]).reshape(len(records), -1)
 
 
 def round_dir(workdir: str, r: int) -> str:
@@ -203,12 +252,11 @@ class RAFTStage(stage_lib.Stage):
         raise
 
   def _rounds(self, config, workdir: str, batches: List[List[dict]]) -> dict:
-    keep = float(config.raft.keep_fraction)
-    select = None if keep == 0 else (
-        lambda records, num_samples: raft_lib.kept_records(records, keep, num_samples))
+    keep, kl_coef = float(config.raft.keep_fraction), float(config.raft.get("kl_coef", 0.0))
     out: Dict[str, Any] = {"ranking": "local" if keep == 0 else "global", "keep_fraction": keep,
-                           "rounds": [], "finished": False}
+                           "kl_coef": kl_coef, "rounds": [], "finished": False}
     for r, prompts in enumerate(batches, 1):
+      select = self._select(config, workdir, r, keep, kl_coef)
       sub_dir = round_dir(workdir, r)
       if wd.is_done(sub_dir):
         out["rounds"].append(_summary(r, wd.read_json(os.path.join(sub_dir, wd.RESULT))))
@@ -228,10 +276,31 @@ class RAFTStage(stage_lib.Stage):
     wd.write_result(workdir, out)
     return out
 
+  def _select(self, config, workdir: str, r: int, keep: float, kl_coef: float):
+    """Round ``r``'s ``select`` hook of the rejection-sampling stage (None = its own best per
+    prompt): the kept records, ranked by the reward or, with ``kl_coef`` > 0 after round 1 (whose
+    policy is ``pi_0``: every log-ratio 0), by the KL-regularized reward."""
+    if keep == 0 and (kl_coef == 0 or r == 1):
+      return None
+    def select(records, num_samples):
+      ranking = None
+      if kl_coef > 0 and r > 1:
+        tok = build.tokenizer(config, round_dir(workdir, r))
+        ratios = log_ratios(config, records, tok, os.path.join(round_dir(workdir, r - 1),
+                                                               wd.FINAL))
+        ranking = raft_lib.kl_regularized([x["scores"] for x in records], ratios, kl_coef)
+        log.info("raft: round %d: mean log-ratio to init_from %.3f nats per sample", r,
+                 float(np.mean(ratios)))
+      return raft_lib.kept_records(records, keep, num_samples, ranking=ranking)
+    return select
+
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """A round's programs: the rejection-sampling stage's (the fine-tuning step, the sampling
     pass of ``rejection_sampling.batch_size`` prompts x K)."""
     return self.rs.abstract_steps(config, mesh)
 
   def unavailable(self, config) -> List[str]:
-    return self.rs.unavailable(config)
+    extra = ([] if float(config.raft.get("kl_coef", 0.0)) == 0 else [
+        "raft.kl_coef's log-ratio pass (a forward pass of each sample under the round's policy "
+        "and under init_from, one model at a time, no optimizer state) is not planned"])
+    return self.rs.unavailable(config) + extra

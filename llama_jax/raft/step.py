@@ -81,8 +81,32 @@ def select(scores, finished=None, keep_fraction: float = 0.0,
   return mask
 
 
+def kl_regularized(scores, log_ratios, kl_coef: float) -> np.ndarray:
+  """The KL-regularized reward of each sample, ``r - kl_coef * log(pi(y|x) / pi_0(y|x))``: the
+  per-sample term of ``E[r] - kl_coef * KL(pi || pi_0)``, the objective PPO optimizes (Ziegler
+  et al. 2019) and that RLHF under a KL constraint maximizes. Ranking by it keeps samples the
+  reward rates highly without the drift from ``pi_0`` that over-optimizes a learned reward.
+
+  Args:
+    scores: [n, K] float rewards. log_ratios: [n, K] float, ``log pi(y) - log pi_0(y)`` summed
+      over the response's tokens (nats). kl_coef: >= 0.
+  Returns:
+    [n, K] float64.
+  Raises:
+    ValueError: if the shapes differ, ``kl_coef`` < 0 or a log-ratio is not finite.
+  """
+  scores, log_ratios = np.asarray(scores, np.float64), np.asarray(log_ratios, np.float64)
+  if scores.shape != log_ratios.shape:
+    raise ValueError(f"scores {scores.shape} and log_ratios {log_ratios.shape} differ in shape")
+  if kl_coef < 0:
+    raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+  if not np.all(np.isfinite(log_ratios)):
+    raise ValueError("log_ratios holds NaN/Inf")
+  return scores - kl_coef * log_ratios
+
+
 def kept_records(records: Sequence[Record], keep_fraction: float,
-                 num_samples: Optional[int] = None) -> List[Record]:
+                 num_samples: Optional[int] = None, ranking=None) -> List[Record]:
   """The kept samples of a round's sampled-set records as one-sample records (``samples =
   [kept]``, ``scores = [its score]``, ``chosen = 0``; prompt, iteration, temperature and
   ``is_safety`` of their record), ordered by record, then sample index.
@@ -92,6 +116,8 @@ def kept_records(records: Sequence[Record], keep_fraction: float,
       sample), all with the same K.
     keep_fraction, num_samples: as in :func:`select` (``num_samples`` counts the prompts without
       a record too).
+    ranking: [n_records, K] float values to rank by instead of the records' ``scores`` (e.g.
+      :func:`kl_regularized`); the kept records keep their own scores.
   Raises:
     ValueError: if the records have different K, or as :func:`select`.
   """
@@ -101,8 +127,8 @@ def kept_records(records: Sequence[Record], keep_fraction: float,
   ks = {len(r["samples"]) for r in records}
   if len(ks) != 1:
     raise ValueError(f"records have different numbers of samples {sorted(ks)}")
-  mask = select([r["scores"] for r in records], [r["finished"] for r in records],
-                keep_fraction, num_samples)
+  mask = select([r["scores"] for r in records] if ranking is None else ranking,
+                [r["finished"] for r in records], keep_fraction, num_samples)
   return [rs_lib.validate_record({**r, "samples": [r["samples"][j]], "scores": [r["scores"][j]],
                                   "chosen": 0, "finished": [True]})
           for r, row in zip(records, mask) for j in np.flatnonzero(row)]

@@ -246,6 +246,10 @@ class RAFT:
                             "num_prompts x k samples, floor(keep_fraction x num_prompts x k) >= 1 "
                             "of them (0 = local ranking: the best sample of each prompt, the "
                             "paper's default). Truncated samples are never kept.", lo=0.0, hi=1.0)
+  kl_coef: float = _f(0.0, "Rank by the KL-regularized reward r - kl_coef * log(pi_r(y) / "
+                      "pi_0(y)) (summed over the response's tokens; pi_r the round's policy, pi_0 "
+                      "init_from) instead of r (0 = the paper's ranking by r). Rounds after the "
+                      "first score their samples under both models once.", lo=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
