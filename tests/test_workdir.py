@@ -36,6 +36,12 @@ def test_a_field_added_later_at_its_old_behaviour_is_no_change():
   new.ppo.forward_batch_size = 128
   assert wd.config_changes(old, new.to_dict()) == ["ppo.forward_batch_size: '<absent>' -> 128"]
   assert wd.config_changes(new.to_dict(), old) == ["ppo.forward_batch_size: 128 -> '<absent>'"]
+  # A RAFT run made before raft.kl_coef: resumes at 0 (ranked by r), not at another value.
+  old_raft, new_raft = {**old, "raft": {"num_rounds": 4}}, {**old, "raft": {"num_rounds": 4,
+                                                                            "kl_coef": 0.0}}
+  assert wd.config_changes(old_raft, new_raft) == []
+  new_raft["raft"]["kl_coef"] = 0.1
+  assert wd.config_changes(old_raft, new_raft) == ["raft.kl_coef: '<absent>' -> 0.1"]
 
 
 def test_a_section_added_later_is_no_change_for_older_runs():
