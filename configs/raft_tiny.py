@@ -11,6 +11,8 @@ the same tokenizer: copy it into the workdir, or give its path)::
       --config.rejection_sampling.safety_rm=/tmp/p/rm_safety/final
 
 ``--config.raft.keep_fraction=0.125`` ranks globally (the top 1/8 of each round's 2,048 samples);
+``--config.raft.kl_coef=0.1`` ranks by the KL-regularized reward (what configs/compare_tiny.py
+uses: ranked by the RM reward alone, RAFT over-optimizes the tiny RMs; see the README);
 ``--config.rejection_sampling.reward=oracle`` ranks by the world's judge (the gold-reward
 control). ``final/`` is a policy (``eval.py``, ``init_from``).
 """
