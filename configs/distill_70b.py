@@ -14,17 +14,10 @@ params + 8.04 GiB AdamW state + 26.12 GiB temporaries = 38.18 GiB per device; th
 (the reward models' scoring is not planned).
 """
 
-from configs import raft_70b
+from configs import distill_7b, raft_70b
 
 
 def get_config():
-  c = raft_70b.get_config()  # 70B on (1, 8, 8): bf16, full remat, the SFT step of sft_70b
-  c.stage = "context_distillation"
-  cd = c.context_distillation
-  cd.num_prompts = 1024
-  cd.preprompt = "generic"
-  cd.targeted = True
-  r = c.rejection_sampling
-  r.k = 1  # one answer per prompt and variant
-  r.batch_size = 64  # 64 rows of 1024 + 1024 tokens (raft_70b: 8 prompts x K = 8)
-  return c
+  # 70B on (1, 8, 8): bf16, full remat, the SFT step of sft_70b; 64 rows of 1024 + 1024 tokens
+  # per generation batch (raft_70b: 8 prompts x K = 8).
+  return distill_7b.distill(raft_70b.get_config())

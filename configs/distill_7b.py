@@ -22,8 +22,8 @@ layout) 12.55 + 30.41 = 42.97 GiB; both fit in 80 GiB (the RMs' scoring is not p
 from configs import raft_7b
 
 
-def get_config():
-  c = raft_7b.get_config()  # the SFT step at 7B (bf16, minimal remat, mesh (1, 8, 1))
+def distill(c):
+  """``c`` (a rejection-sampling-style pod config) as context distillation with our settings."""
   c.stage = "context_distillation"
   cd = c.context_distillation
   cd.num_prompts = 1024
@@ -31,7 +31,11 @@ def get_config():
   cd.targeted = True
   r = c.rejection_sampling
   r.k = 1  # context distillation samples one answer per prompt and variant
-  # 64 rows of 1024 + 256 tokens per generation batch: a KV cache of 64 x 1280 x 32 layers x 2 x
-  # 4096 x 2 B = 43 GB in bf16, 5.4 GB per device with the rows split 8 ways.
+  # 64 rows of 1024 + 256 tokens per generation batch at 7B: a KV cache of 64 x 1280 x 32 layers
+  # x 2 x 4096 x 2 B = 43 GB in bf16, 5.4 GB per device with the rows split 8 ways.
   r.batch_size = 64
   return c
+
+
+def get_config():
+  return distill(raft_7b.get_config())  # the SFT step at 7B (bf16, minimal remat, (1, 8, 1))

@@ -25,7 +25,8 @@ from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.reward import scoring
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import settings
-from train_helpers import assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config
+from train_helpers import (assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config,
+                           with_stand_in_inputs)
 
 
 # ---- selection -----------------------------------------------------------------------------------
@@ -259,11 +260,6 @@ def test_shipped_pod_configs_pass_the_stage_checks(name, preset, mesh, tmp_path)
   c = importlib.import_module(f"configs.{name}").get_config()
   assert (c.stage, c.model.preset, tuple(c.mesh.shape)) == ("context_distillation", preset, mesh)
   assert (c.context_distillation.preprompt, c.context_distillation.targeted) == ("generic", True)
-  for d in ("policy", "help", "safe"):
-    (tmp_path / d).mkdir()
-  (tmp_path / "policy" / "params.json").write_text("{}")
-  c.init_from = str(tmp_path / "policy")
-  c.rejection_sampling.help_rm = str(tmp_path / "help")
-  c.rejection_sampling.safety_rm = str(tmp_path / "safe")
+  with_stand_in_inputs(c, tmp_path)
   settings.validate(c, str(tmp_path / "w"), sections.SECTIONS)
   cd_run.validate(c)

@@ -26,7 +26,8 @@ from llama_jax.recipe import dry_run, sections, stages
 from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import settings
-from train_helpers import assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config
+from train_helpers import (assert_same_run, rl_workdir, tiny_rl_models, tiny_sampling_config,
+                           with_stand_in_inputs)
 
 
 # ---- selection ---------------------------------------------------------------------------------
@@ -342,11 +343,6 @@ def test_shipped_configs_pass_the_stage_checks(name, preset, mesh, tmp_path):
   assert (c.stage, c.model.preset, tuple(c.mesh.shape)) == ("raft", preset, mesh)
   assert (c.raft.keep_fraction, c.rejection_sampling.k, c.rejection_sampling.temperature) == (
       0.0, 8, 1.0)
-  for d in ("policy", "help", "safe"):
-    (tmp_path / d).mkdir()
-  (tmp_path / "policy" / "params.json").write_text("{}")
-  c.init_from = str(tmp_path / "policy")
-  c.rejection_sampling.help_rm = str(tmp_path / "help")
-  c.rejection_sampling.safety_rm = str(tmp_path / "safe")
+  with_stand_in_inputs(c, tmp_path)
   settings.validate(c, str(tmp_path / "w"), sections.SECTIONS)
   raft_run.validate(c)

@@ -142,6 +142,19 @@ def tiny_sampling_config(models, stage: str):
   return c
 
 
+def with_stand_in_inputs(c, root):
+  """``c`` pointed at empty stand-ins under ``root`` for ``init_from`` (a ``params.json``) and the
+  two reward models: enough for a shipped config's checks (``settings.validate`` and the stage's
+  ``validate``), which look at paths, not weights."""
+  for d in ("policy", "help", "safe"):
+    (root / d).mkdir()
+  (root / "policy" / "params.json").write_text("{}")
+  c.init_from = str(root / "policy")
+  c.rejection_sampling.help_rm = str(root / "help")
+  c.rejection_sampling.safety_rm = str(root / "safe")
+  return c
+
+
 def rl_workdir(models, tmp_path, name):
   """``tmp_path/name`` holding the models' world tokenizer (so a PPO run does not retrain it)."""
   work = tmp_path / name
