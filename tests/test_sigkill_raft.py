@@ -8,6 +8,7 @@ train.py (marked ``slow``)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -41,10 +42,13 @@ def _flags(models):
 
 
 def _progress(work) -> tuple:
-  """What a run had kept: sampled batch files, finished round files, fine-tune checkpoints."""
-  return tuple(sorted(str(p.relative_to(work)) for p in work.rglob("*")
-                      if p.name.startswith("batch_") or p.name == "result.json"
-                      or (p.parent.name == "checkpoints" and p.name.isdigit())))
+  """What a run had kept: sampled batch files, finished round files, fine-tune checkpoints.
+  ``os.walk`` skips a directory that vanishes while it looks (orbax renames its temporary ones)."""
+  return tuple(sorted(
+      os.path.relpath(os.path.join(root, name), work) for root, dirs, files in os.walk(work)
+      for name in dirs + files
+      if name.startswith("batch_") or name == "result.json"
+      or (os.path.basename(root) == "checkpoints" and name.isdigit())))
 
 
 def test_raft_killed_at_random_moments_ends_bitwise_equal(tmp_path):
