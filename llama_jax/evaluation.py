@@ -155,8 +155,8 @@ def _policy_intro(result: Mapping[str, Any], world_eval: bool) -> list[str]:
           "reward models or samples it starts from); tokens trained = non-padding tokens of its "
           "optimizer steps' batches, tokens sampled = tokens it generated (EOS included); "
           "forward-only passes (reward-model scoring, DPO's reference log-probs, RAFT's "
-          "log-ratios) are not "
-          "counted; '-' = not recorded (a stage run by an older version).", ""]
+          "log-ratios) are not counted; '-' = not recorded (a stage run by an older version).",
+          ""]
 
 
 def _oracle_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -185,7 +185,8 @@ def _reward_section(rows: Sequence[Mapping[str, Any]], world_eval: bool) -> list
         _ci(r, "reward_t1_vs_sft"), f"{r['kl_to_sft']:.4f}", f"{r['unsafe_share_t1']:.3f}",
         f"{r['mean_length']:.1f} / {r['mean_length_t1']:.1f}",
         f"{r['truncated']:.3f} / {r['truncated_t1']:.3f}", r.get("length_flag") or "-",
-        wall(r), f"{mtok(r, 'tokens_trained')} / {mtok(r, 'tokens_sampled')}"] + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
+        wall(r), f"{mtok(r, 'tokens_trained')} / {mtok(r, 'tokens_sampled')}"]
+       + ([] if world_eval else [_ci(r, "win_rate_vs_sft")]) for r in rows]), ""]
 
 
 def _per_task_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -193,9 +193,11 @@ def test_stage_with_kl_coef_ranks_round_2_by_the_regularized_reward(models, tmp_
   ratios = raft_run.log_ratios(make_config(models, kl_coef=0.5), records, tok,
                                str(work / "round_1" / "final"))
   ranking = raft.kl_regularized([r["scores"] for r in records], ratios, 0.5)
-  want = [[r["samples"][j]] for r, row in zip(records, raft.select(
-      ranking, [r["finished"] for r in records])) for j in np.flatnonzero(row)]
+  kept = lambda values: [[r["samples"][j]] for r, row in zip(records, raft.select(
+      values, [r["finished"] for r in records])) for j in np.flatnonzero(row)]
+  want = kept(ranking)
   assert [r["samples"] for r in _records(work / "round_2" / "pooled.jsonl")] == want
+  assert kept([r["scores"] for r in records]) != want  # the penalty changed a pick
 
 
 def _records(path):

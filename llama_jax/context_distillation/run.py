@@ -150,13 +150,13 @@ class ContextDistillationStage(stage_lib.Stage):
     variants = {"original": prompts,
                 "distilled": [{**p, "prompt": cd_lib.with_preprompt(p["prompt"], pre)}
                               for p, pre in zip(prompts, preprompts)]}
-    texts, finished, tokens = {}, {}, 0
+    texts, finished, tokens = {}, {}, []
     for i, (name, recs) in enumerate(variants.items()):
       t, f, n = rs_lib.sample_texts(config, policy, tokenizer, recs, k=1,
-                                 temperature=float(rc.temperature),
-                                 key=jax.random.fold_in(key, i),
-                                 batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
-      tokens = None if tokens is None or n is None else tokens + n
+                                    temperature=float(rc.temperature),
+                                    key=jax.random.fold_in(key, i),
+                                    batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
+      tokens.append(n)
       texts[name] = [row[0] for row in t]
       finished[name] = np.asarray([row[0] and bool(x[0].strip()) for row, x in zip(f, t)], bool)
     del policy
@@ -172,7 +172,7 @@ class ContextDistillationStage(stage_lib.Stage):
     rows = cd_lib.records(prompts, preprompts, texts["original"], texts["distilled"],
                           finished["original"], finished["distilled"], scores["original"],
                           scores["distilled"], kept, judge=judge)
-    return rows, tokens
+    return rows, wd.sum_counts(tokens)
 
   def _finetune(self, config, workdir: str, rows: List[dict], tokens: Optional[int]) -> dict:
     stats = summary(rows)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from llama_jax import sampling, sharding, stats
 from llama_jax.data import world, world_tasks
 from llama_jax.gatt import step as gatt_lib
+from llama_jax.train import workdir as wd
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def rollout(policy, tokenizer, dialogs: Sequence[dict], *, system_every_turn: bo
     turn file predates the count)}``.
   """
   n = len(dialogs)
-  tokens: Optional[int] = 0
+  tokens: List[Optional[int]] = []  # per turn
   texts: List[List[str]] = [[] for _ in range(n)]
   finished: List[List[bool]] = [[] for _ in range(n)]
   alive = [True] * n
@@ -119,7 +120,7 @@ def rollout(policy, tokenizer, dialogs: Sequence[dict], *, system_every_turn: bo
           json.dump(done, f)
         os.replace(path + ".tmp", path)
     context_stops = done["context_stops"]
-    tokens = None if tokens is None or done.get("tokens") is None else tokens + done["tokens"]
+    tokens.append(done.get("tokens"))
     alive = [False] * n
     for i, text, ok in zip(done["active"], done["texts"], done["finished"]):
       texts[i].append(text.strip())
@@ -132,7 +133,7 @@ def rollout(policy, tokenizer, dialogs: Sequence[dict], *, system_every_turn: bo
       raise Stopped(f"stopped after turn {t + 1}")
   bar.close()
   return {"texts": texts, "finished": finished, "context_stops": context_stops,
-          "tokens_sampled": tokens}
+          "tokens_sampled": wd.sum_counts(tokens)}
 
 
 def adherence(policy, tokenizer, dialogs: Sequence[dict], *, max_new_tokens: int,

@@ -22,9 +22,10 @@ Llama 2 paper, Sec. 3.2.3; Huang et al. 2024 (arXiv 2403.17031). ``python train.
   ``value_loss``, ``response_length``, ``eos_rate``, ``time_generation`` / ``time_scoring`` /
   ``time_training`` (seconds), ``sampled_tokens`` / ``real_tokens`` (the iteration's response
   tokens; the rollouts' non-padding tokens x ``ppo.epochs``) with their running totals
-  ``tokens_sampled`` / ``tokens_trained`` (also in ``result.json``); held-out evaluation (split ``eval``, :class:`HeldOut`) every
-  ``ppo.eval_every`` iterations: mean reward of sampled completions at the PPO temperature, KL to
-  the reference and to SFT, and on the world the oracle's gold reward and helpfulness.
+  ``tokens_sampled`` / ``tokens_trained`` (also in ``result.json``); held-out evaluation (split
+  ``eval``, :class:`HeldOut`) every ``ppo.eval_every`` iterations: mean reward of sampled
+  completions at the PPO temperature, KL to the reference and to SFT, and on the world the
+  oracle's gold reward and helpfulness.
 * early stopping: after ``ppo.patience`` evaluations without a better held-out reward the run
   stops; ``final/`` is the best evaluated policy (``best/`` while running); ``result.json``'s
   ``improved`` says whether any evaluation beat the starting policy.

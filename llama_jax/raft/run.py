@@ -48,7 +48,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import jax
 import numpy as np
@@ -177,19 +177,10 @@ def round_config(config, workdir: str, r: int):
   return sub
 
 
-TOTALS = ("tokens_sampled", "tokens_trained")
-
-
-def _sum(values) -> Optional[int]:
-  """The sum, or None when any value is unknown (a round of an older version)."""
-  values = list(values)
-  return None if any(v is None for v in values) else int(sum(values))
-
-
 def _summary(r: int, res: dict) -> Dict[str, Any]:
   s, ft = res.get("sampled", {}), res.get("finetune", {})
   out = {"round": r, "finished": bool(res.get("finished")),
-         **{k: res.get(k) for k in TOTALS}}
+         **{k: res.get(k) for k in wd.TOKEN_COUNTS}}
   out.update({k: s[k] for k in ("prompts", "temperature", "reward_mean", "reward_best",
                                 "truncated") if k in s})
   if "pooled" in s:
@@ -272,7 +263,8 @@ class RAFTStage(stage_lib.Stage):
       log.info("raft: round %d: %s", r, out["rounds"][-1])
     out["final_dir"] = wd.copy_final(os.path.join(round_dir(workdir, len(batches)), wd.FINAL),
                                      workdir)
-    out.update({k: _sum(x[k] for x in out["rounds"]) for k in TOTALS}, finished=True)
+    out.update({k: wd.sum_counts(x[k] for x in out["rounds"]) for k in wd.TOKEN_COUNTS},
+               finished=True)
     wd.write_result(workdir, out)
     return out
 

@@ -68,11 +68,6 @@ class PolicyDir(NamedTuple):
   final_dir: str
 
 
-# The stage's own token counts (its result.json): tokens trained (non-padding tokens of its
-# optimizer steps' batches) and tokens sampled (generated, EOS included).
-TOTALS = ("tokens_trained", "tokens_sampled")
-
-
 def policies_of(workdir: str, config=None) -> List[PolicyDir]:
   """The finished policies of a pipeline workdir, in pipeline order
   (``pipeline.policy_positions``; the gold-reward control after PPO), then the alternative
@@ -332,7 +327,7 @@ def run(workdir: str, num_prompts: Optional[int] = None) -> dict:
     stage = wd.read_json(os.path.join(workdir, key, wd.RESULT), {})
     row: Dict[str, Any] = {"policy": name, "stage": key, **metrics,
                            "wall_s": walls.get(key),  # None: ran before wall_s.json existed
-                           **{k: stage.get(k) for k in TOTALS}}  # None: not counted then
+                           **{k: stage.get(k) for k in wd.TOKEN_COUNTS}}
     row.update(_paired(judged[key], judged["sft"], is_world, k))
     row["length_flag"] = _length_flag(row, rows[0] if rows else row, max_new)
     rows.append(row)

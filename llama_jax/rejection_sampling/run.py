@@ -72,9 +72,9 @@ def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, 
                      stop=None):
   """K samples per prompt and their rewards: ([n][k] texts, [n, k] bool finished, [n, k] float
   scores ``Rc`` of ``scorer`` (``scoring.Scorer``), tokens sampled (``rs_lib.sample_texts``));
-  truncated samples are scored too, but callers never pick them. An empty sample (EOS first) counts as not finished: it is no answer
-  to fine-tune on. ``batch_dir``, ``stop``: as in ``rs_lib.sample_texts`` (resumable batches;
-  raises ``rs_lib.SamplingStopped``)."""
+  truncated samples are scored too, but callers never pick them. An empty sample (EOS first)
+  counts as not finished: it is no answer to fine-tune on. ``batch_dir``, ``stop``: as in
+  ``rs_lib.sample_texts`` (resumable batches; raises ``rs_lib.SamplingStopped``)."""
   texts, finished, tokens = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
                                                 temperature=temperature, key=key,
                                                 batch_dir=batch_dir, stop=stop)
@@ -103,7 +103,7 @@ def temperature_curve(config, policy, tokenizer, scorer, prompts, key) -> Option
   sub, by_t = prompts[:rc.plot_prompts], {}
   for i, t in enumerate(temps):
     _, done, s, _ = sample_and_score(config, policy, tokenizer, scorer, sub, k=rc.plot_k,
-                                  temperature=t, key=jax.random.fold_in(key, 1000 + i))
+                                     temperature=t, key=jax.random.fold_in(key, 1000 + i))
     by_t[t] = curve_scores(s, done)
   return rs_lib.reward_vs_temperature(by_t, estimator="subsets")
 
@@ -209,10 +209,9 @@ class _Iteration:
       log.info("rejection sampling: reusing %s", sampled_path)
       return rs_lib.read_jsonl(sampled_path), wd.read_json(stats_path)
     batch_dir = os.path.join(self.workdir, "sampling", f"T{temperature:g}")
-    texts, finished, scores, tokens = sample_and_score(self.config, self.policy(), self.tokenizer,
-                                               self.scorer, prompts, k=rc.k,
-                                               temperature=temperature, key=self.key,
-                                               batch_dir=batch_dir, stop=stop)
+    texts, finished, scores, tokens = sample_and_score(
+        self.config, self.policy(), self.tokenizer, self.scorer, prompts, k=rc.k,
+        temperature=temperature, key=self.key, batch_dir=batch_dir, stop=stop)
     records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
                                   iteration=rc.iteration, temperature=temperature,
                                   finished=finished,

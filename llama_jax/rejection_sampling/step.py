@@ -37,6 +37,7 @@ import numpy as np
 from llama_jax import convert, sampling, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import sources
+from llama_jax.train import workdir as wd
 
 Record = Dict[str, Any]
 RECORD_KEYS = ("prompt", "samples", "scores", "chosen", "iteration", "temperature")
@@ -451,7 +452,7 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
   cfg, params = policy.cfg, policy.params
   texts: List[List[str]] = []
   finished: List[List[bool]] = []
-  tokens: Optional[int] = 0
+  tokens: List[Optional[int]] = []  # per batch
   for start in range(0, len(prompts), rc.batch_size):
     path = batch_dir and os.path.join(batch_dir, f"batch_{start:07d}.json")
     if path and os.path.isfile(path):
@@ -473,7 +474,7 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
         os.replace(path + ".tmp", path)
     texts += t
     finished += f
-    tokens = None if tokens is None or n is None else tokens + n
+    tokens.append(n)
     if stop is not None and stop():
       raise SamplingStopped(f"stopped after {start + len(t)} of {len(prompts)} prompts")
-  return texts, finished, tokens
+  return texts, finished, wd.sum_counts(tokens)

@@ -336,7 +336,8 @@ def run_stage(stage: TrainingStage, config, workdir: str) -> dict:
                            "stopped_early": res.stopped_early, "train": res.last_metrics,
                            "eval": res.last_eval,
                            "tokens_sampled": 0,  # unless the stage counts them (PPO)
-                           **{k: None if v is None else int(round(v)) for k, v in res.totals.items()}}
+                           **{k: None if v is None else int(round(v))
+                              for k, v in res.totals.items()}}
     if run.result is not None:
       out.update(run.result(res))
     if finished:

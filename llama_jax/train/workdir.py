@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 RESULT = "result.json"
 CONFIG = "config.json"
+# A stage's cost in result.json: tokens trained (non-padding tokens of its optimizer steps'
+# batches) and tokens sampled (generated, EOS included); None = not counted (an older version).
+TOKEN_COUNTS = ("tokens_trained", "tokens_sampled")
+
+
+def sum_counts(counts) -> Optional[int]:
+  """The sum of token ``counts`` (ints), or None when any of them is None (unknown)."""
+  counts = list(counts)
+  return None if any(c is None for c in counts) else int(sum(counts))
 
 
 @contextlib.contextmanager
