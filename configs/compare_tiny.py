@@ -2,11 +2,11 @@
 
 One SFT policy and one pair of reward models (trained on the world's pairs plus one on-policy
 annotation batch), then from them: rejection sampling (RLHF-V1), PPO on top of it (the Llama 2
-order), and the alternatives DPO, RRHF and RAFT (``pipeline.methods``), each in
-``<workdir>/<name>``::
+order), the alternatives DPO, RRHF and RAFT, and SFT on a 5% coreset of the demonstrations and
+on a random 5% (``pipeline.methods``), each in ``<workdir>/<name>``::
 
   python train.py --config=configs/compare_tiny.py --workdir=/tmp/compare
-  python eval.py --workdir=/tmp/compare      # one table: SFT, RS, PPO, DPO, RRHF, RAFT
+  python eval.py --workdir=/tmp/compare      # one table: SFT, RS, PPO, DPO, RRHF, RAFT, subsets
 
 Every method reads the same preference data or the same reward models: DPO trains on the
 helpfulness RM's mixture, RRHF on rs_1's K = 4 samples per prompt of the SFT policy scored by the
@@ -24,7 +24,10 @@ def get_config():
   c.annotate.rounds = 1
   c.pipeline.rs_iterations = 1
   c.pipeline.oracle_control = False
-  c.pipeline.methods = "dpo,rrhf,raft"
+  c.pipeline.methods = "dpo,rrhf,raft,sft_coreset,sft_random"
+  # SFT on 5% of the demonstrations (200 of 4,000), a coreset embedded by the SFT policy and a
+  # random subset of the same size (the baseline a coreset must beat), as many steps as SFT.
+  c.pipeline.select_fraction = 0.05
   # DPO and RRHF: the LR and epochs of rejection sampling's fine-tune (1e-4, 2 epochs).
   c.pipeline.method_lr = 1e-4
   c.pipeline.method_epochs = 2.0

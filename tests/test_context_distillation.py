@@ -1,5 +1,5 @@
-"""Safety context distillation (llama_jax.context_distillation): the targeted selection against a
-loop reference, the preprompts, the world that reacts to them, config checks, and the stage end
+"""Safety context distillation (llama_jax.context_distillation): the targeted selection and the
+benign best-of-k against loop references, the preprompts, the world that reacts to them, config checks, and the stage end
 to end on tiny models (answers with and without the preprompt, what is kept and fine-tuned on,
 resume after a stop bitwise equal to an uninterrupted run, the dry run)."""
 
@@ -61,6 +61,40 @@ def test_select_distilled_by_hand_and_errors():
   assert cd.select_distilled([0.2, 0.9], [0.8, 0.3], [1, 1], [1, 1], targeted=False).all()
   with pytest.raises(ValueError, match="four"):
     cd.select_distilled([0.1], [0.1, 0.2], [True], [True])
+
+
+def _best_ref(scores, finished):
+  out = []
+  for s, f in zip(scores, finished):
+    best = -1
+    for j in range(len(s)):
+      if f[j] and (best < 0 or s[j] > s[best]):
+        best = j  # strictly better: the first of equal scores stays
+    out.append(best)
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_finished_matches_a_loop_reference(seed):
+  rng = np.random.default_rng(seed)
+  n, k = int(rng.integers(0, 10)), int(rng.integers(1, 5))
+  scores, finished = rng.integers(0, 3, (n, k)) / 2.0, rng.random((n, k)) < 0.6
+  np.testing.assert_array_equal(cd.best_finished(scores, finished), _best_ref(scores, finished))
+
+
+def test_best_finished_by_hand_and_errors():
+  got = cd.best_finished([[0.1, 0.9, 0.5], [0.7, 0.2, 0.7], [0.3, 0.4, 0.9]],
+                         [[True, False, True], [True, True, True], [False, False, False]])
+  assert got.tolist() == [2, 0, -1]
+  with pytest.raises(ValueError, match=r"\[n, k\]"):
+    cd.best_finished([0.1, 0.2], [True, True])
+  rows = cd.benign_records([{"prompt": [{"role": "user", "content": "hi"}]}] * 2,
+                           [["a", "b"], ["c", "d"]], [[True, True], [False, False]],
+                           [[0.1, 0.4], [0.9, 0.8]], judge=lambda d, t: t == "b")
+  assert [(r["kept"], r["answer"], r["refused"]) for r in rows] == [(True, "b", True),
+                                                                   (False, None, False)]
+  assert cd.sft_records(rows) == [{"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "b"}]}]
 
 
 # ---- preprompts and the world that reacts to them -------------------------------------------------
@@ -212,6 +246,55 @@ def test_targeted_keeps_what_the_safety_rm_prefers(models, tmp_path, short_prepr
   np.testing.assert_allclose(got["r_safe"], [r["distilled_score"] for r in rows], rtol=1e-6)
 
 
+def test_benign_prompts_add_their_best_answer_and_resume(models, tmp_path, monkeypatch,
+                                                        short_preprompt):
+  sample_k, chunks = rs_lib.sample_k, []
+  def recording_sample_k(params, cfg, tok, chunk, k, *args, **kw):
+    chunks.append((chunk, k))
+    if stop_at == len(chunks):
+      os.kill(os.getpid(), signal.SIGTERM)  # stops the pass after this batch
+    return sample_k(params, cfg, tok, chunk, k, *args, **kw)
+  monkeypatch.setattr(rs_lib, "sample_k", recording_sample_k)
+  make = lambda: make_config(models, num_prompts=4, benign_prompts=6, benign_k=3)
+
+  stop_at, full = 0, rl_workdir(models, tmp_path, "full")
+  res = stages.run(make(), str(full))
+  rows = _rows(full / cd_run.ROWS)
+  adversarial, benign = rows[:4], rows[4:]
+  assert not any(r.get("benign") for r in adversarial) and len(benign) == 6
+  assert [k for _, k in chunks] == [1, 1, 3, 3]  # original, distilled, then two benign batches
+  assert [r["prompt"] for r in benign] == [m for c, _ in chunks[2:] for m in c]
+  assert all(world.parse_prompt(r["prompt"][-1]["content"]).task != "harmful" for r in benign)
+  # The scores are Rc of each benign answer (the helpfulness RM's there, unless it looks unsafe).
+  rms = scoring.load_reward_models(str(models / "help"), str(models / "safe"), "test")
+  got = scoring.score_dialogs(*rms, Tokenizer(str(full / "tokenizer.model")),
+                              [r["prompt"] for r in benign for _ in range(3)],
+                              [a for r in benign for a in r["answers"]], [False] * 18)
+  np.testing.assert_allclose(got["rc"], [s for r in benign for s in r["scores"]], rtol=1e-6)
+  for r in benign:
+    assert r["kept"] == any(r["finished"])
+    if r["kept"]:
+      assert r["answer"] == r["answers"][_best_ref([r["scores"]], [r["finished"]])[0]]
+  sft = _rows(full / "sft_data.jsonl")
+  assert sft[-sum(r["kept"] for r in benign):] == [
+      {"messages": r["prompt"] + [{"role": "assistant", "content": r["answer"]}]}
+      for r in benign if r["kept"]]
+  stats = res["distilled"]
+  assert (stats["prompts"], stats["benign_prompts"]) == (4, 6)
+  assert stats["benign_refused"] == np.mean([r["refused"] for r in benign if r["kept"]])
+
+  # A SIGTERM after the first benign batch; the rerun samples the second and ends equal.
+  chunks.clear()
+  stop_at, part = 3, rl_workdir(models, tmp_path, "part")
+  assert stages.run(make(), str(part)) == {"finished": False, "stopped_by_signal": True}
+  chunks.clear()
+  stop_at = 0
+  assert stages.run(make(), str(part))["finished"] and len(chunks) == 1
+  assert _rows(part / cd_run.ROWS) == rows
+  for a, b in zip(_params(full / "final"), _params(part / "final")):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda c: setattr(c, "init_from", ""), "config.init_from"),
     (lambda c: c.rejection_sampling.update(safety_rm=""), "context_distillation.targeted"),
@@ -238,6 +321,9 @@ def test_dry_run_plans_the_finetune_step_and_the_sampling_pass():
   assert [s["name"].split(" ")[0] for s in p["steps"]] == ["sft.train_step", "sampling.sample"]
   assert p["steps"][1]["batch_shapes"]["tokens"] == (4, c.rejection_sampling.max_new_tokens)
   assert any("scoring" in u for u in p["unavailable"])
+  c.context_distillation.update(benign_prompts=8, benign_k=3)  # the larger pass is planned
+  assert dry_run.plan(c)["steps"][1]["batch_shapes"]["tokens"] == (
+      4 * 3, c.rejection_sampling.max_new_tokens)
 
 
 def test_shipped_config_passes_the_stage_checks(tmp_path):

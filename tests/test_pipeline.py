@@ -220,6 +220,25 @@ def test_bad_iteration_count():
     stages.run(c, "/nonexistent/never_created")
 
 
+def test_subset_sft_methods_train_from_init_on_a_share_for_as_many_steps(tmp_path):
+  c = small_config()
+  c.pipeline.methods, c.pipeline.select_fraction = "sft_coreset,sft_random", 0.1
+  c.train.num_steps = 0  # epochs
+  plan = dict(pipeline.stage_plan(c, str(tmp_path)))
+  sft, coreset, rand = plan["sft"](), plan["sft_coreset"](), plan["sft_random"]()
+  assert coreset.stage == rand.stage == "sft"
+  assert coreset.init_from == rand.init_from == c.init_from
+  assert (coreset.data.select, coreset.data.select_fraction) == ("coreset", 0.1)
+  assert (rand.data.select, rand.data.select_fraction) == ("random", 0.1)
+  assert coreset.data.select_embed_from == str(tmp_path / "sft" / "final")
+  # A tenth of the records for ten times the epochs: the full SFT's optimizer steps.
+  for sub in (coreset, rand):
+    assert sub.train.num_epochs == pytest.approx(10 * sft.train.num_epochs)
+  c.train.num_steps = 7  # a step count is kept as it is (the same steps)
+  assert dict(pipeline.stage_plan(c, str(tmp_path)))["sft_random"]().train.num_epochs == (
+      c.train.num_epochs)
+
+
 def test_methods_start_from_sft_with_the_first_round_data_and_reward_models(tmp_path):
   c = small_config()
   c.annotate.num_prompts, c.annotate.rounds = 16, 2

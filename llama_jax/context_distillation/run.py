@@ -6,20 +6,23 @@
 
 Steps (each resumable: a finished step's file is reused):
   1. prompts: ``context_distillation.num_prompts`` distinct adversarial (``is_safety``) train
-     prompts of ``context_distillation.prompt_stream`` (``data.prompts.load_prompts``);
+     prompts of ``context_distillation.prompt_stream`` (``data.prompts.load_prompts``), and
+     ``benign_prompts`` distinct benign ones (our addition; 0 by default);
   2. answers, one per prompt from ``init_from`` at ``rejection_sampling.temperature`` /
      ``top_p`` / ``max_new_tokens`` in batches of ``rejection_sampling.batch_size``: the original
      (the prompt as is) and the distilled (the prompt with the safety preprompt,
      ``context_distillation.preprompt``: generic, or with the risk category's answer template);
-     finished batches wait in ``sampling/{original,distilled}/`` (SIGTERM / SIGINT stops after
-     the current batch, exit 0; the next run resumes there with the same samples);
+     ``benign_k`` answers per benign prompt as it is; finished batches wait in
+     ``sampling/{original,distilled,benign}/`` (SIGTERM / SIGINT stops after the current
+     batch, exit 0; the next run resumes there with the same samples);
   3. both answers scored to the prompt *without* the preprompt by the reward
      (``rejection_sampling.reward``: the RMs' ``Rc``, which on safety prompts is the safety RM's
      score, or the world oracle); kept (``context_distillation.targeted``): the distilled answers
-     that score above the original ones (targeted), or all finished ones;
+     that score above the original ones (targeted), or all finished ones, and each benign
+     prompt's best finished answer (Rc: the helpfulness RM's score there);
      ``distilled.jsonl`` (every prompt: both answers, scores, kept; on the world the oracle's
-     refusal of each) and ``sft_data.jsonl`` (the kept answers after the prompt without the
-     preprompt);
+     refusal of each; then the benign rows, ``"benign": true``) and ``sft_data.jsonl`` (the kept
+     answers after the prompt without the preprompt);
   4. fine-tuning with the SFT stage (given by the registry) from ``init_from`` on
      ``sft_data.jsonl`` with ``rejection_sampling``'s ``lr`` / ``num_epochs`` / ``num_steps``
      (``train.stage.finetune_on``) in ``finetune/``; its ``final/`` is ``final/``.
@@ -69,34 +72,43 @@ def validate(config) -> None:
                      "scores: set config.rejection_sampling.safety_rm (or targeted=False)")
 
 
-def adversarial_prompts(config, workdir: str, tokenizer) -> List[dict]:
-  """Up to ``context_distillation.num_prompts`` distinct safety prompt records of the stream
-  that fit ``rejection_sampling.max_prompt_len`` tokens *with* the preprompt.
+def distil_prompts(config, workdir: str, tokenizer) -> Tuple[List[dict], List[dict]]:
+  """``(adversarial, benign)`` prompt records of the stream: up to
+  ``context_distillation.num_prompts`` distinct safety (``is_safety``) prompts that fit
+  ``rejection_sampling.max_prompt_len`` tokens *with* the preprompt, and up to
+  ``benign_prompts`` distinct other prompts that fit it as they are.
 
   Raises:
-    ValueError: if the stream holds no such prompt.
+    ValueError: if the stream holds no adversarial prompt that fits, or no benign one when
+      ``benign_prompts`` > 0.
   """
   cd, rc = config.context_distillation, config.rejection_sampling
-  n = int(cd.num_prompts)
-  draw = 8 * n if config.tokenizer.path == "world" else 0  # world: ~25% of prompts are harmful
+  n, n_benign = int(cd.num_prompts), int(cd.benign_prompts)
+  # world: ~25% of prompts are harmful, ~75% benign
+  draw = 8 * n + 2 * n_benign if config.tokenizer.path == "world" else 0
   records = prompts_lib.load_prompts(config, workdir, "train", draw,
                                      stream=int(cd.prompt_stream), distinct=True)
-  out = []
+  fits = lambda dialog: input_pipeline.prompt_example(
+      {"prompt": dialog}, tokenizer, rc.max_prompt_len) is not None
+  adversarial, benign = [], []
   for r in records:
-    if not r.get("is_safety", False):
-      continue
-    pre = cd_lib.with_preprompt(r["prompt"], cd_lib.preprompt_text(r["prompt"], cd.preprompt))
-    if input_pipeline.prompt_example({"prompt": pre}, tokenizer, rc.max_prompt_len) is not None:
-      out.append(r)
-    if len(out) == n:
-      break
-  if not out:
+    if r.get("is_safety", False):
+      pre = cd_lib.preprompt_text(r["prompt"], cd.preprompt)
+      if len(adversarial) < n and fits(cd_lib.with_preprompt(r["prompt"], pre)):
+        adversarial.append(r)
+    elif len(benign) < n_benign and fits(r["prompt"]):
+      benign.append(r)
+  if not adversarial:
     raise ValueError("context_distillation: no safety prompt (is_safety) of the train stream "
                      "fits config.rejection_sampling.max_prompt_len with the preprompt")
-  if len(out) < n:
-    log.warning("context distillation: %d of the %d prompts asked for (the stream has no more)",
-                len(out), n)
-  return out
+  if n_benign and not benign:
+    raise ValueError("context_distillation.benign_prompts: no benign prompt (not is_safety) of "
+                     "the train stream fits config.rejection_sampling.max_prompt_len")
+  for got, want, what in ((adversarial, n, "adversarial"), (benign, n_benign, "benign")):
+    if len(got) < want:
+      log.warning("context distillation: %d of the %d %s prompts asked for (the stream has no "
+                  "more)", len(got), want, what)
+  return adversarial, benign
 
 
 class ContextDistillationStage(stage_lib.Stage):
@@ -112,11 +124,10 @@ class ContextDistillationStage(stage_lib.Stage):
     """Run (or resume) context distillation in ``workdir``.
 
     Returns:
-      dict with ``finished``, ``distilled`` (prompts, kept and its share, mean scores of the
-      original and distilled answers, truncated shares; on the world the oracle's refusal rates
-      of both answers), ``finetune`` (steps, held-out loss), ``final_dir`` when finished.
+      dict with ``finished``, ``distilled`` (:func:`summary`), ``finetune`` (steps, held-out
+      loss), ``tokens_sampled``, ``final_dir`` when finished.
     Raises:
-      ValueError / FileNotFoundError: from :func:`validate` or :func:`adversarial_prompts`, a
+      ValueError / FileNotFoundError: from :func:`validate` or :func:`distil_prompts`, a
         workdir of another config or in use, before anything is written (a new workdir is
         removed).
     """
@@ -127,7 +138,7 @@ class ContextDistillationStage(stage_lib.Stage):
         tokenizer = build.tokenizer(config, workdir)
         tokenizer.check_vocab(LlamaConfig.from_params_json(
             os.path.join(config.init_from, "params.json")))
-        prompts = adversarial_prompts(config, workdir, tokenizer)
+        prompts, benign = distil_prompts(config, workdir, tokenizer)
         wd.check_resume(workdir, config, any(os.path.exists(os.path.join(workdir, name)) for name
                                              in (ROWS, "sampling", "finetune", wd.RESULT)))
       if wd.is_done(workdir):
@@ -135,43 +146,55 @@ class ContextDistillationStage(stage_lib.Stage):
       wd.write_config(workdir, config)
       sampled = stage_lib.rows_or_sample(
           config, workdir, ROWS,
-          lambda stop: self._distil(config, workdir, tokenizer, prompts, stop),
+          lambda stop: self._distil(config, workdir, tokenizer, prompts, benign, stop),
           rs_lib.SamplingStopped, "context distillation")
       if sampled is None:
         return {"finished": False, "stopped_by_signal": True}
       return self._finetune(config, workdir, *sampled)
 
-  def _distil(self, config, workdir: str, tokenizer, prompts: List[dict],
+  def _distil(self, config, workdir: str, tokenizer, prompts: List[dict], benign: List[dict],
               stop) -> Tuple[List[dict], Optional[int]]:
     cd, rc = config.context_distillation, config.rejection_sampling
     policy = rs_lib.load_policy(config.init_from, tokenizer, build.mesh_and_rules(config)[0])
     key = jax.random.fold_in(jax.random.key(config.seed), 0xCD)
     preprompts = [cd_lib.preprompt_text(p["prompt"], cd.preprompt) for p in prompts]
-    variants = {"original": prompts,
-                "distilled": [{**p, "prompt": cd_lib.with_preprompt(p["prompt"], pre)}
-                              for p, pre in zip(prompts, preprompts)]}
+    variants = {"original": (prompts, 1),
+                "distilled": ([{**p, "prompt": cd_lib.with_preprompt(p["prompt"], pre)}
+                               for p, pre in zip(prompts, preprompts)], 1),
+                "benign": (benign, int(cd.benign_k))}
     texts, finished, tokens = {}, {}, []
-    for i, (name, recs) in enumerate(variants.items()):
-      t, f, n = rs_lib.sample_texts(config, policy, tokenizer, recs, k=1,
+    for i, (name, (recs, k)) in enumerate(variants.items()):
+      if not recs:
+        continue
+      t, f, n = rs_lib.sample_texts(config, policy, tokenizer, recs, k=k,
                                     temperature=float(rc.temperature),
                                     key=jax.random.fold_in(key, i),
                                     batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
       tokens.append(n)
-      texts[name] = [row[0] for row in t]
-      finished[name] = np.asarray([row[0] and bool(x[0].strip()) for row, x in zip(f, t)], bool)
+      texts[name] = t
+      finished[name] = np.asarray([[a and bool(x.strip()) for a, x in zip(fr, tr)]
+                                   for fr, tr in zip(f, t)], bool)
     del policy
     scorer = scoring.make_scorer(config, "rejection_sampling", tokenizer)
-    dialogs = [p["prompt"] for p in prompts]
-    safety = [True] * len(prompts)
-    scores = {name: scorer(dialogs, texts[name], safety)["rc"] for name in variants}
-    kept = cd_lib.select_distilled(scores["original"], scores["distilled"], finished["original"],
-                                   finished["distilled"], targeted=bool(cd.targeted))
+    score = lambda recs, answers: np.asarray(scorer(
+        [p["prompt"] for p in recs], answers, [bool(p.get("is_safety")) for p in recs])["rc"])
+    first = lambda name: [row[0] for row in texts[name]]
+    scores = {name: score(prompts, first(name)) for name in ("original", "distilled")}
+    kept = cd_lib.select_distilled(scores["original"], scores["distilled"],
+                                   finished["original"][:, 0], finished["distilled"][:, 0],
+                                   targeted=bool(cd.targeted))
     judge = None
     if config.tokenizer.path == "world":
       judge = lambda dialog, text: world.oracle(dialog, text).refused
-    rows = cd_lib.records(prompts, preprompts, texts["original"], texts["distilled"],
-                          finished["original"], finished["distilled"], scores["original"],
-                          scores["distilled"], kept, judge=judge)
+    rows = cd_lib.records(prompts, preprompts, first("original"), first("distilled"),
+                          finished["original"][:, 0], finished["distilled"][:, 0],
+                          scores["original"], scores["distilled"], kept, judge=judge)
+    if benign:
+      k = int(cd.benign_k)
+      benign_scores = score([p for p in benign for _ in range(k)],
+                            [a for row in texts["benign"] for a in row]).reshape(len(benign), k)
+      rows += cd_lib.benign_records(benign, texts["benign"], finished["benign"], benign_scores,
+                                    judge=judge)
     return rows, wd.sum_counts(tokens)
 
   def _finetune(self, config, workdir: str, rows: List[dict], tokens: Optional[int]) -> dict:
@@ -192,13 +215,15 @@ class ContextDistillationStage(stage_lib.Stage):
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """The fine-tuning step (the SFT stage's) and the sampling pass: ``sampling.sample`` of
-    ``rejection_sampling.batch_size`` prompts, one answer each, on the generation layout."""
-    rc = config.rejection_sampling
+    ``rejection_sampling.batch_size`` prompts, one answer each (``benign_k`` with benign
+    prompts, the larger pass), on the generation layout."""
+    rc, cd = config.rejection_sampling, config.context_distillation
     cfg = build.planning_model_config(config)
+    k = int(cd.benign_k) if int(cd.benign_prompts) > 0 else 1
     sample = stage_lib.sampling_plan(
-        f"sampling.sample (context-distillation pass: {rc.batch_size} prompts, generation "
-        "layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
-        int(rc.max_new_tokens), float(rc.temperature))
+        f"sampling.sample (context-distillation pass: {rc.batch_size} prompts"
+        + (f" x {k} answers" if k > 1 else "") + ", generation layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
+        int(rc.max_new_tokens), float(rc.temperature), num_samples=k)
     return self.finetune.abstract_steps(config, mesh) + [sample]
 
   def unavailable(self, config) -> List[str]:
@@ -208,10 +233,14 @@ class ContextDistillationStage(stage_lib.Stage):
 
 
 def summary(rows: List[dict]) -> Dict[str, Any]:
-  """Statistics of ``distilled.jsonl``'s rows: prompts, kept and its share, mean scores and
-  truncated shares of both answers, and (world) their oracle refusal rates."""
+  """Statistics of ``distilled.jsonl``'s rows: adversarial prompts, kept and its share, mean
+  scores and truncated shares of both answers, and (world) their oracle refusal rates; with
+  benign rows also ``benign_prompts``, ``benign_kept`` and (world) ``benign_refused``, the share
+  of the kept benign answers the oracle calls a refusal."""
+  benign = [r for r in rows if r.get("benign")]
+  rows = [r for r in rows if not r.get("benign")]
   n = len(rows)
-  mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0
+  mean = lambda key, rs=rows: float(np.mean([r[key] for r in rs])) if rs else 0.0
   out = {"prompts": n, "kept": int(sum(r["kept"] for r in rows)), "kept_share": mean("kept"),
          "original_score": mean("original_score"), "distilled_score": mean("distilled_score"),
          "original_truncated": 1.0 - mean("original_finished"),
@@ -219,4 +248,9 @@ def summary(rows: List[dict]) -> Dict[str, Any]:
   if rows and "original_refused" in rows[0]:
     out.update(original_refused=mean("original_refused"),
                distilled_refused=mean("distilled_refused"))
+  if benign:
+    kept = [r for r in benign if r["kept"]]
+    out.update(benign_prompts=len(benign), benign_kept=len(kept))
+    if "refused" in benign[0]:
+      out["benign_refused"] = mean("refused", kept)
   return out

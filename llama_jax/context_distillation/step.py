@@ -6,6 +6,8 @@ assistant", or with a risk category's answer template), samples answers, and fin
 model on them *without* the preprompt; "targeted" context distillation keeps a distilled answer
 only where the safety reward model scores it above the model's original answer (the answer
 without the preprompt), so answers that were already good are not replaced by vaguer ones.
+Our addition: benign prompts' own best-of-k answers join the fine-tune (``benign_records``), so
+the refusals learned on adversarial prompts do not spread to benign ones.
 """
 
 from __future__ import annotations
@@ -102,8 +104,45 @@ def records(prompts: Sequence[Mapping], preprompts: Sequence[str], original: Seq
   return out
 
 
+def best_finished(scores, finished) -> np.ndarray:
+  """Per prompt, the index of the highest-scoring finished answer (the first on ties), or -1
+  when none finished: [n] int.
+
+  Args:
+    scores: [n, k] float, the reward of each answer. finished: [n, k] bool.
+  Raises:
+    ValueError: if the shapes differ or are not [n, k].
+  """
+  s, f = np.asarray(scores, np.float64), np.asarray(finished, bool)
+  if s.shape != f.shape or s.ndim != 2:
+    raise ValueError(f"best_finished: two [n, k] arrays, got shapes {s.shape} and {f.shape}")
+  best = np.argmax(np.where(f, s, -np.inf), axis=1)
+  return np.where(f.any(axis=1), best, -1)
+
+
+def benign_records(prompts: Sequence[Mapping], answers: Sequence[Sequence[str]], finished,
+                   scores, judge: Optional[Judge] = None) -> List[dict]:
+  """The benign rows of ``distilled.jsonl`` (``"benign": True``), one per prompt record: the
+  prompt, its ``k`` answers (``answers`` [n][k] str, ``finished`` / ``scores`` [n, k]), the kept
+  ``answer`` (:func:`best_finished`; ``kept`` False and ``answer`` None when none finished);
+  with ``judge`` also ``refused`` (the kept answer's verdict; False when none kept)."""
+  best = best_finished(scores, finished)
+  out = []
+  for i, p in enumerate(prompts):
+    answer = answers[i][best[i]] if best[i] >= 0 else None
+    row = {"prompt": [dict(m) for m in p["prompt"]], "benign": True,
+           "answers": list(answers[i]), "finished": [bool(x) for x in finished[i]],
+           "scores": [float(x) for x in scores[i]], "kept": answer is not None,
+           "answer": answer}
+    if judge is not None:
+      row["refused"] = answer is not None and bool(judge(p["prompt"], answer))
+    out.append(row)
+  return out
+
+
 def sft_records(rows: Sequence[Mapping]) -> List[dict]:
-  """The kept rows of :func:`records` as SFT dialogs: the prompt *without* the preprompt, then
-  the distilled answer."""
+  """The kept rows of :func:`records` and :func:`benign_records` as SFT dialogs: the prompt
+  *without* the preprompt, then the distilled answer (a benign row: its kept answer)."""
   return [{"messages": [dict(m) for m in r["prompt"]]
-           + [{"role": "assistant", "content": r["distilled"]}]} for r in rows if r["kept"]]
+           + [{"role": "assistant", "content": r["answer"] if r.get("benign") else r["distilled"]}]}
+          for r in rows if r["kept"]]

@@ -24,6 +24,9 @@ rejection-sampled checkpoint). ``python train.py --config=configs/tiny.py``
     gatt                    scored samples; RAFT: its own samples scored by the RMs; context
                             distillation: the safety prompts of rs_1's stream; GAtt: dialogs
                             of rs_1's stream, no reward)
+  <workdir>/sft_coreset,    pipeline.methods: SFT from init_from on pipeline.select_fraction
+    sft_random              of the demonstrations (a coreset embedded by sft, or a random
+                            subset), as many steps as sft
 
 Every annotation round, rejection-sampling iteration and PPO draws train prompts from its own
 stream (``llama_jax.data.prompts``); the safety RMs get ``pipeline.safety_aux_weight``.
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 # Alternatives to rejection sampling and PPO (pipeline.methods): sub-workdir -> report label.
 WALL = "wall_s.json"  # seconds each sub-stage took, summed over the runs that worked on it
 METHODS = {"dpo": "DPO", "rrhf": "RRHF", "raft": "RAFT",
-           "context_distillation": "Context distillation", "gatt": "GAtt"}
+           "context_distillation": "Context distillation", "gatt": "GAtt",
+           "sft_coreset": "SFT (coreset subset)", "sft_random": "SFT (random subset)"}
 
 
 def rm_name(kind: str, round_: int) -> str:
@@ -218,8 +222,19 @@ class _Plan:
     (rs_1's ``num_prompts`` split over ``raft.num_rounds`` rounds, rs_1's K, at
     ``rejection_sampling.temperature``: no Fig. 8 per round), ``context_distillation`` on the
     safety prompts of rs_1's stream, scored by the first RM pair, ``gatt`` on dialogs of rs_1's
-    stream."""
-    p, sub = self.p, self.stage(name, self.final("sft"))
+    stream; ``sft_coreset`` / ``sft_random``: SFT from ``init_from`` on
+    ``pipeline.select_fraction`` of the demonstrations (the coreset embedded by the SFT
+    policy), with the epochs scaled so the optimizer steps match the full SFT's."""
+    p = self.p
+    if name in ("sft_coreset", "sft_random"):
+      sub = self.stage("sft")
+      d = sub.data
+      d.select, d.select_fraction = name[len("sft_"):], float(p.get("select_fraction", 0.05))
+      d.select_embed_from = self.final("sft") if name == "sft_coreset" else ""
+      if int(sub.train.num_steps) == 0:
+        sub.train.num_epochs = float(sub.train.num_epochs) / d.select_fraction
+      return sub
+    sub = self.stage(name, self.final("sft"))
     if name == "gatt":  # rs_1's prompt stream; no reward
       sub.gatt.prompt_stream = self.stream(1)
       return sub

@@ -268,6 +268,14 @@ class ContextDistillation:
   targeted: bool = _f(True, "Keep a distilled answer only where the reward (the safety RM on "
                       "safety prompts) scores it above the original answer; False = every "
                       "finished one.")
+  benign_prompts: int = _f(0, "Benign (not is_safety) train prompts of the same stream whose "
+                          "own answers, without a preprompt, join the fine-tune, so that "
+                          "distilling refusals does not teach refusing benign prompts (our "
+                          "addition; 0 = the paper's adversarial prompts only).", lo=0)
+  benign_k: int = _f(2, "Answers sampled per benign prompt; the finished one the reward (Rc: "
+                     "the helpfulness RM's score on a benign prompt) rates highest is kept "
+                     "(best-of-k, as rejection sampling picks; 1 = the policy's own answer).",
+                     lo=1)
   prompt_stream: int = _f(-1, _STREAM, lo=-1)
 
 
@@ -446,12 +454,19 @@ class Pipeline:
                     "helpfulness RM's preference mixture) | rrhf (on rs_1's scored samples) | "
                     "raft (rounds of its own samples, scored by the RMs) | context_distillation "
                     "(the safety preprompt distilled, targeted by the safety RM) | gatt (Ghost "
-                    "Attention: a system instruction held over turns); eval.py "
-                    "compares them with the others.")
+                    "Attention: a system instruction held over turns) | sft_coreset / "
+                    "sft_random (SFT from init_from on a coreset / a random subset of the "
+                    "demonstrations, select_fraction of them); eval.py compares them with the "
+                    "others.")
   method_lr: float = _f(0.0, "Peak LR of the dpo and rrhf stages (0 = optimizer.lr); raft "
                         "fine-tunes with rejection_sampling.lr.", lo=0.0)
   method_epochs: float = _f(0.0, "Epochs of the dpo and rrhf stages (0 = train.num_epochs).",
                             lo=0.0)
+  select_fraction: float = _f(0.05, "Methods sft_coreset / sft_random: the share of each SFT "
+                              "source's demonstrations they train on (data.select_fraction; "
+                              "the coreset embeds with the pipeline's SFT policy), for about as "
+                              "many optimizer steps as the full SFT (train.num_epochs divided by "
+                              "it).", lo=0.0, hi=1.0, lo_ok=False)
 
 
 SECTIONS = {"tokenizer": Tokenizer, "data": Data, "mesh": Mesh, "annotate": Annotate,

@@ -139,7 +139,9 @@ ADDED_FIELDS = {"ppo.forward_batch_size": 0, "pipeline.methods": "", "pipeline.m
                 "data.select_clusters": 16, "data.select_embed_from": "",
                 "data.world_unsafe_fraction": 0.0, "data.world_safety_preprompt_fraction": 0.0,
                 "data.world_instruction_fraction": 0.0, "data.world_multiturn_fraction": 0.0,
-                "data.world_max_turns": 20, "raft.kl_coef": 0.0}
+                "data.world_max_turns": 20, "raft.kl_coef": 0.0,
+                "context_distillation.benign_prompts": 0, "context_distillation.benign_k": 2,
+                "pipeline.select_fraction": 0.05}
 # Config sections added after runs were made (with a stage of their own): a config.json with none
 # of a section's fields predates it, its stage did not read them, so they are not compared.
 ADDED_SECTIONS = ("dpo", "rrhf", "raft", "context_distillation", "gatt")
