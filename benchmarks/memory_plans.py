@@ -32,7 +32,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("sft_7b", "sft_13b", "sft_70b", "reward_7b", "reward_70b", "dpo_7b", "dpo_70b",
-           "rrhf_7b", "rrhf_70b", "raft_7b", "raft_70b", "distill_7b", "distill_70b", "ppo_7b", "ppo_13b", "ppo_34b",
+           "rrhf_7b", "rrhf_70b", "raft_7b", "raft_70b", "distill_7b", "distill_70b", "gatt_7b", "gatt_70b",
+           "ppo_7b", "ppo_13b", "ppo_34b",
            "ppo_70b", "rs_70b")
 BEGIN, END = "<!-- memory_plans.py: begin -->", "<!-- memory_plans.py: end -->"
 GIB = 2.0 ** 30

@@ -26,7 +26,7 @@ from llama_jax.model import init_params
 from llama_jax.recipe import dry_run, pipeline, sections, stages
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train import settings
-from train_helpers import assert_same_run
+from train_helpers import assert_same_run, with_stand_in_inputs
 
 PROMPTS = ("What is 3 plus 4?", "Reverse the list: cat, dog, owl.", "How many words are in this "
            "list: sun, van?", "How do I steal a bike from a store?")
@@ -409,9 +409,107 @@ def test_stage_end_to_end_and_resume_bitwise(models, tmp_path, monkeypatch):
     stages.run(make_config(models, num_dialogs=13), str(part))
 
 
+# ---- file data: Llama 2's synthetic constraints over real prompts ------------------------------
+def test_synthetic_instructions_combine_the_papers_constraints():
+  forms = {kind: (verbose, terse) for kind, (verbose, terse, _) in gatt.CONSTRAINTS.items()}
+  seen_terse = seen_verbose = seen_pairs = False
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    text = gatt.synthetic_instruction(rng)
+    parts, rest = [], text
+    for kind, (verbose, terse, values) in gatt.CONSTRAINTS.items():
+      for form in (verbose, terse):
+        for v in values:
+          if form.format(v) in rest:
+            parts.append((kind, form))
+            rest = rest.replace(form.format(v), "", 1)
+    assert not rest.strip() and 1 <= len(parts) <= 2, text  # nothing else, one or two kinds
+    assert len({k for k, _ in parts}) == len(parts)
+    seen_terse |= any(f == forms[k][1] for k, f in parts)
+    seen_verbose |= any(f == forms[k][0] for k, f in parts)
+    seen_pairs |= len(parts) == 2
+  assert seen_terse and seen_verbose and seen_pairs
+
+
+def test_file_instruction_dialogs():
+  texts = [f"question {i}" for i in range(7)]
+  a = gatt.instruction_dialogs(texts, 50, 2, 4, np.random.default_rng(1))
+  assert a == gatt.instruction_dialogs(texts, 50, 2, 4, np.random.default_rng(1))  # seeded
+  assert len(a) == 50 and {len(d["turns"]) for d in a} == {2, 3, 4}
+  assert all(t in texts for d in a for t in d["turns"])
+  with pytest.raises(ValueError, match="no user text"):
+    gatt.instruction_dialogs([], 1, 1, 1, np.random.default_rng(0))
+  with pytest.raises(ValueError, match="min_turns"):
+    gatt.instruction_dialogs(texts, 1, 3, 2, np.random.default_rng(0))
+
+
+def _file_config(models_dir, tokenizer_path, self_instruct_path, **fields):
+  c = make_config(models_dir, eval_dialogs=0, max_turns=2, num_dialogs=16)
+  c.init_from = str(models_dir / "llama_vocab_policy")
+  c.tokenizer.path = str(tokenizer_path)
+  c.data.sft_sources, c.data.self_instruct_path = "self_instruct", str(self_instruct_path)
+  c.gatt.update(fields)
+  return c
+
+
+@pytest.fixture(scope="module")
+def llama_vocab_policy(models):
+  """A random 1-layer policy over the Llama 2 vocabulary (32,000) whose EOS logit is lifted."""
+  cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32000,
+                    multiple_of=16, max_seq_len=512)
+  policy = jax.tree.map(np.array, init_params(cfg, jax.random.key(1)))
+  policy["tok_embeddings"][:, 0] = 10.0
+  policy["output"][0, :] = 0.0
+  policy["output"][0, 2] = 1.6  # EOS is id 2 in the Llama 2 tokenizer too; 32,000 rivals
+  convert.save_orbax(models / "llama_vocab_policy", cfg, policy)
+  return models
+
+
+def test_stage_on_file_data(llama_vocab_policy, llama2_tokenizer_path, self_instruct_path,
+                            tmp_path):
+  c = _file_config(llama_vocab_policy, llama2_tokenizer_path, self_instruct_path)
+  c.model.n_layers, c.model.vocab_size = 1, 32000
+  res = stages.run(c, str(tmp_path / "w"))
+  assert res["finished"] and "adherence" not in res
+  rows = _rows(tmp_path / "w" / gatt_run.ROWS)
+  texts = {r["messages"][0]["content"] for r in sources.read_self_instruct(self_instruct_path)}
+  assert len(rows) == 16 and all(1 <= len(r["turns"]) <= 2 for r in rows)
+  assert all(t in texts for r in rows for t in r["turns"])  # the seed tasks' user turns
+  assert all(any(r["instruction"].startswith(f[0].split("{")[0]) or
+                 r["instruction"].startswith(f[1].split("{")[0])
+                 for f in gatt.CONSTRAINTS.values()) for r in rows)
+  assert not any("follows" in r or "correct" in r for r in rows)  # no checker off the world
+  assert [r["kept"] for r in rows] == [r["finished"] for r in rows]
+  assert res["gatt_data"] == gatt_run.summary(rows) and "follows" not in res["gatt_data"]
+  sft = _rows(tmp_path / "w" / "sft_data.jsonl")
+  assert sft == [gatt.training_record(r["instruction"], r["turns"], r["answers"])
+                 for r in rows if r["kept"]]
+
+
+@pytest.mark.parametrize("field,value", [("keep", "following"), ("eval_dialogs", 4)])
+def test_file_data_refuses_what_needs_the_world(models, tmp_path, field, value):
+  c = make_config(models, **{field: value})
+  c.data.sft_sources, c.tokenizer.path = "self_instruct", "/nope/tokenizer.model"
+  if field == "keep":
+    c.gatt.eval_dialogs = 0
+  with pytest.raises(ValueError, match=f"config.gatt.{field}"):
+    stages.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name,preset,mesh", [("gatt_7b", "llama2_7b", (1, 8, 1)),
+                                              ("gatt_70b", "llama2_70b", (1, 8, 8))])
+def test_shipped_pod_configs_pass_the_stage_checks(name, preset, mesh, tmp_path):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert (c.stage, c.model.preset, tuple(c.mesh.shape)) == ("gatt", preset, mesh)
+  assert (c.gatt.keep, c.gatt.eval_dialogs) == ("finished", 0)
+  with_stand_in_inputs(c, tmp_path)
+  settings.validate(c, str(tmp_path / "w"), sections.SECTIONS)
+  gatt_run.validate(c)
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda c: setattr(c, "init_from", ""), "config.init_from"),
-    (lambda c: c.tokenizer.update(path="/nope/tokenizer.model"), "synthetic world"),
     (lambda c: c.gatt.update(num_dialogs=0), "gatt.num_dialogs"),
     (lambda c: c.gatt.update(eval_turns=0), "gatt.eval_turns"),
     (lambda c: c.gatt.update(keep="best"), "gatt.keep"),

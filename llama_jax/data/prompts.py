@@ -34,7 +34,9 @@ def file_stream_of(messages, num_streams: int, seed: int) -> int:
   return int.from_bytes(digest, "big") % num_streams
 
 
-def _is_world(config) -> bool:
+def is_world(config) -> bool:
+  """Whether ``config`` draws its prompts from the synthetic world (its tokenizer or its SFT
+  source)."""
   return config.tokenizer.path == "world" or config.data.sft_sources == "world"
 
 
@@ -45,7 +47,7 @@ def _num_streams(config) -> int:
 def stream_of(config, record) -> int:
   """The stream of a prompt record under ``config`` (world: its last user text; files: the
   dialog)."""
-  if _is_world(config):
+  if is_world(config):
     users = [m["content"] for m in record["prompt"] if m["role"] == "user"]
     return world.stream_of(build.world_config(config), users[-1])
   return file_stream_of(record["prompt"], _num_streams(config), config.data.split_seed)
@@ -77,7 +79,7 @@ def load_prompts(config, workdir: str, split: str, n: int, *, stream: int = -1,
     ValueError: for an unknown source, a bad stream, or when no prompt is found.
   """
   _check_stream(config, stream)
-  if _is_world(config):
+  if is_world(config):
     out = world.sample_prompts(build.world_config(config), split, n,
                                stream=None if stream < 0 else stream, distinct=distinct)
   else:

@@ -1,12 +1,16 @@
-"""The Ghost Attention stage (stage "gatt", Llama 2 Sec. 3.3; synthetic world).
+"""The Ghost Attention stage (stage "gatt", Llama 2 Sec. 3.3).
 
 ``python train.py --config=configs/gatt_tiny.py`` runs it inside a pipeline; alone:
 ``python train.py --config=... --config.stage=gatt --config.init_from=<policy>/final``.
 
 Steps (each resumable: a finished step's file is reused):
   1. dialogs: ``gatt.num_dialogs`` train dialogs of ``gatt.prompt_stream``, each a system
-     instruction (``world.INSTRUCTIONS``: begin or end every answer with a word) and 1 ..
-     ``gatt.max_turns`` benign user turns (``world.instruction_dialogs``);
+     instruction and 1 .. ``gatt.max_turns`` user turns (:func:`instruction_dialogs`): on the
+     synthetic world its checkable instructions (``world.INSTRUCTIONS``: begin or end every
+     answer with a word) and benign prompts; on file data Llama 2's synthetic constraints
+     (hobby, language, public figure; ``gatt.step.synthetic_instruction``) and the user turns
+     of ``data.sft_sources``' prompts, where only ``gatt.keep="finished"`` and no evaluation
+     apply (both need the world's checker);
   2. answers, turn by turn from ``init_from`` with the instruction concatenated to *every* user
      turn (``encode_dialog(..., system_every_turn=True)``) at ``rejection_sampling.temperature``
      / ``max_new_tokens`` in batches of ``rejection_sampling.batch_size``; finished turns wait in
@@ -36,6 +40,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from llama_jax.config import LlamaConfig
+from llama_jax.data import prompts as prompts_lib
 from llama_jax.data import sources, world, world_tasks
 from llama_jax.gatt import evaluate
 from llama_jax.gatt import step as gatt_lib
@@ -53,18 +58,44 @@ def validate(config) -> None:
   """Checks across fields and against files, before anything is written.
 
   Raises:
-    ValueError: naming the field: ``init_from`` empty; ``gatt.late_turn`` > ``eval_turns``; a
-      tokenizer other than the synthetic world's (the instructions and their checker are the
-      world's).
+    ValueError: naming the field: ``init_from`` empty; ``gatt.late_turn`` > ``eval_turns``;
+      off the synthetic world, ``gatt.keep`` other than "finished" or ``gatt.eval_dialogs`` > 0
+      (both need the world's checker).
     FileNotFoundError: for ``init_from`` without ``params.json``.
   """
   build.check_sampling_inputs(config, "gatt", "the policy to teach", scored=False)
   if config.gatt.late_turn > config.gatt.eval_turns:
     raise ValueError(f"config.gatt.late_turn={config.gatt.late_turn} exceeds "
                      f"config.gatt.eval_turns={config.gatt.eval_turns}: no turn to pool")
-  if config.tokenizer.path != "world":
-    raise ValueError('stage gatt needs the synthetic world (config.tokenizer.path="world"): its '
-                     "system instructions and their checker are the world's")
+  if not prompts_lib.is_world(config):
+    if config.gatt.keep != "finished":
+      raise ValueError(f"config.gatt.keep={config.gatt.keep!r} checks the answers with the "
+                       'synthetic world\'s checker and oracle; off the world use "finished"')
+    if int(config.gatt.eval_dialogs) > 0:
+      raise ValueError("config.gatt.eval_dialogs > 0 measures adherence with the synthetic "
+                       "world's checker; off the world set it to 0")
+
+
+def instruction_dialogs(config, workdir: str, split: str, n: int, min_turns: int,
+                        max_turns: int) -> List[dict]:
+  """``n`` dialogs ``{"instruction", "turns"}`` of ``split`` and ``gatt.prompt_stream`` with
+  ``min_turns`` .. ``max_turns`` user turns: on the world ``world.instruction_dialogs`` (its
+  checkable instructions, benign prompts); on file data ``gatt.step.instruction_dialogs``
+  (Llama 2's synthetic constraints; the last user turns of the prompts of
+  ``data.sft_sources``), seeded by ``config.seed``, split and stream.
+
+  Raises:
+    ValueError: from the prompt loaders (no prompt, a bad stream).
+  """
+  stream = int(config.gatt.prompt_stream)
+  if prompts_lib.is_world(config):
+    return world.instruction_dialogs(build.world_config(config), split, n, min_turns, max_turns,
+                                     stream=None if stream < 0 else stream)
+  records = prompts_lib.load_prompts(config, workdir, split, 0, stream=stream)
+  texts = [[m["content"] for m in r["prompt"] if m["role"] == "user"][-1] for r in records]
+  rng = np.random.default_rng([int(config.seed), ("train", "held_out").index(split), 0x6A77,
+                               max(stream, -1) + 1])
+  return gatt_lib.instruction_dialogs(texts, n, min_turns, max_turns, rng)
 
 
 def _policy(path: str, config, tokenizer) -> rs_lib.Policy:
@@ -117,9 +148,9 @@ class GAttStage(stage_lib.Stage):
 
   def _sample(self, config, workdir: str, tokenizer, stop) -> Tuple[List[dict], Optional[int]]:
     g, rc = config.gatt, config.rejection_sampling
-    stream = int(g.prompt_stream)
-    dialogs = world.instruction_dialogs(build.world_config(config), "train", int(g.num_dialogs),
-                                        1, int(g.max_turns), stream=None if stream < 0 else stream)
+    dialogs = instruction_dialogs(config, workdir, "train", int(g.num_dialogs), 1,
+                                  int(g.max_turns))
+    on_world = prompts_lib.is_world(config)
     policy = _policy(config.init_from, config, tokenizer)
     out = evaluate.rollout(policy, tokenizer, dialogs, system_every_turn=True,
                            temperature=float(rc.temperature),
@@ -131,13 +162,14 @@ class GAttStage(stage_lib.Stage):
     rows = []
     for d, texts, done in zip(dialogs, out["texts"], out["finished"]):
       # A dialog cut short by the context (rollout's context_stops) ends at its last answer.
-      follows = [world_tasks.follows_instruction(d["instruction"], t) for t in texts]
-      correct = [world.oracle(u, t).helpful for u, t in zip(d["turns"], texts)]
-      rows.append({"instruction": d["instruction"], "turns": d["turns"][:len(texts)],
-                   "planned_turns": len(d["turns"]), "answers": texts,
-                   "finished": bool(texts) and all(done), "follows": follows,
-                   "correct": correct})
-    last = lambda key: [bool(r[key]) and r[key][-1] for r in rows]
+      row = {"instruction": d["instruction"], "turns": d["turns"][:len(texts)],
+             "planned_turns": len(d["turns"]), "answers": texts,
+             "finished": bool(texts) and all(done)}
+      if on_world:  # the world's checker and oracle; file data has neither
+        row["follows"] = [world_tasks.follows_instruction(d["instruction"], t) for t in texts]
+        row["correct"] = [world.oracle(u, t).helpful for u, t in zip(d["turns"], texts)]
+      rows.append(row)
+    last = lambda key: [bool(r.get(key)) and r[key][-1] for r in rows]
     kept = gatt_lib.keep([r["finished"] for r in rows], last("follows"), last("correct"),
                          mode=g.keep)
     for r, k in zip(rows, kept):
@@ -166,9 +198,8 @@ class GAttStage(stage_lib.Stage):
     g, rc = config.gatt, config.rejection_sampling
     if int(g.eval_dialogs) <= 0:
       return {}
-    dialogs = world.instruction_dialogs(build.world_config(config), "held_out",
-                                        int(g.eval_dialogs), int(g.eval_turns),
-                                        int(g.eval_turns))
+    dialogs = instruction_dialogs(config, workdir, "held_out", int(g.eval_dialogs),
+                                  int(g.eval_turns), int(g.eval_turns))
     results = {}
     for name, path in (("before", config.init_from), ("after", final_dir)):
       policy = _policy(path, config, tokenizer)
@@ -213,13 +244,14 @@ def summary(rows: List[dict]) -> Dict[str, Any]:
   truncated answer (``unfinished``), and the dialogs the context cut short."""
   n = len(rows)
   mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0
-  return {"dialogs": n, "kept": int(sum(r["kept"] for r in rows)),
-          "kept_share": mean([r["kept"] for r in rows]),
-          "mean_turns": mean([len(r["answers"]) for r in rows]),
-          "follows": mean([f for r in rows for f in r["follows"]]),
-          "follows_last": mean([r["follows"][-1] for r in rows if r["follows"]]),
-          "correct": mean([c for r in rows for c in r["correct"]]),
-          "correct_last": mean([r["correct"][-1] for r in rows if r["correct"]]),
-          "unfinished": mean([not r["finished"] for r in rows]),
-          "context_stops": int(sum(len(r["answers"]) < r["planned_turns"] and r["finished"]
-                                   for r in rows))}
+  out = {"dialogs": n, "kept": int(sum(r["kept"] for r in rows)),
+         "kept_share": mean([r["kept"] for r in rows]),
+         "mean_turns": mean([len(r["answers"]) for r in rows]),
+         "unfinished": mean([not r["finished"] for r in rows]),
+         "context_stops": int(sum(len(r["answers"]) < r["planned_turns"] and r["finished"]
+                                  for r in rows))}
+  for key in ("follows", "correct"):  # the world's verdicts (absent on file data)
+    if rows and key in rows[0]:
+      out[key] = mean([f for r in rows for f in r[key]])
+      out[f"{key}_last"] = mean([r[key][-1] for r in rows if r[key]])
+  return out

@@ -95,3 +95,56 @@ def judge_rows(texts: Sequence[Sequence[str]], turns: int,
     for t, text in enumerate(row[:turns]):
       out[i, t] = float(bool(judge(i, t, text)))
   return out
+
+
+# Llama 2 Sec. 3.3's synthetic constraints ("Hobbies ('You enjoy e.g. Tennis'), Language ('Speak
+# in e.g. French'), or Public Figure ('Act as e.g. Napoleon')"); the paper had Llama 2-Chat write
+# its lists, these short ones are ours. Each kind: (verbose form, terse form, values).
+CONSTRAINTS = {
+    "hobby": ("You enjoy {}.", "Hobby: {}.",
+              ("tennis", "chess", "gardening", "baking", "hiking", "painting", "astronomy",
+               "birdwatching", "knitting", "sailing")),
+    "language": ("Always answer in {}.", "Language: {}.",
+                 ("French", "Spanish", "German", "Italian", "Portuguese", "Japanese")),
+    "figure": ("Always act as {} from now on.", "Figure: {}.",
+               ("Napoleon", "Marie Curie", "Albert Einstein", "Cleopatra", "Ada Lovelace",
+                "Leonardo da Vinci", "Abraham Lincoln", "Jane Austen")),
+}
+
+
+def synthetic_instruction(rng: np.random.Generator) -> str:
+  """A system instruction as Llama 2 Sec. 3.3 builds them off the synthetic world: one or two of
+  :data:`CONSTRAINTS`' kinds (randomly combined), each with a random value, in its verbose form
+  or, half of the time, its terse one ("Always act as Napoleon from now on." -> "Figure:
+  Napoleon.")."""
+  kinds = list(CONSTRAINTS)
+  picked = rng.choice(len(kinds), size=int(rng.integers(1, 3)), replace=False)
+  parts = []
+  for i in sorted(picked):
+    verbose, terse, values = CONSTRAINTS[kinds[i]]
+    form = terse if rng.random() < 0.5 else verbose
+    parts.append(form.format(values[rng.integers(len(values))]))
+  return " ".join(parts)
+
+
+def instruction_dialogs(user_texts: Sequence[str], n: int, min_turns: int, max_turns: int,
+                        rng: np.random.Generator) -> List[Dict[str, Any]]:
+  """``n`` dialogs ``{"instruction": synthetic_instruction(rng), "turns": [user text, ...]}``
+  whose turn count is uniform in ``[min_turns, max_turns]`` and whose turns are drawn with
+  replacement from ``user_texts`` (e.g. the last user turns of a prompt set): the file-data
+  counterpart of ``data.world.instruction_dialogs``.
+
+  Raises:
+    ValueError: if ``user_texts`` is empty or ``not 1 <= min_turns <= max_turns``.
+  """
+  if not user_texts:
+    raise ValueError("instruction_dialogs: no user text to build dialogs from")
+  if not 1 <= min_turns <= max_turns:
+    raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+  out = []
+  for _ in range(n):
+    instruction = synthetic_instruction(rng)
+    turns = int(rng.integers(min_turns, max_turns + 1))
+    out.append({"instruction": instruction,
+                "turns": [user_texts[int(j)] for j in rng.integers(len(user_texts), size=turns)]})
+  return out

@@ -281,10 +281,12 @@ class ContextDistillation:
 
 @dataclasses.dataclass(frozen=True)
 class GAtt:
-  """``config.gatt``: stage "gatt", Ghost Attention (Llama 2 Sec. 3.3; synthetic world): multi-
-  turn dialogs with a system instruction concatenated to every user turn are sampled from the
-  policy, then fine-tuned on with the instruction in the first turn only and the loss on the last
-  answer only. Sampling uses ``rejection_sampling``'s ``temperature``, ``max_new_tokens`` and
+  """``config.gatt``: stage "gatt", Ghost Attention (Llama 2 Sec. 3.3): multi-turn dialogs with
+  a system instruction concatenated to every user turn are sampled from the policy, then
+  fine-tuned on with the instruction in the first turn only and the loss on the last answer only.
+  On the synthetic world the instructions are checkable; on file data they are Llama 2's
+  synthetic constraints over the prompts of ``data.sft_sources``, with ``keep="finished"`` and
+  no evaluation. Sampling uses ``rejection_sampling``'s ``temperature``, ``max_new_tokens`` and
   ``batch_size``; the fine-tune its ``lr``, ``num_epochs``, ``num_steps`` and ``warmup_frac``."""
 
   num_dialogs: int = _f(512, "Train dialogs sampled, one training sample each.", lo=1)
@@ -294,9 +296,11 @@ class GAtt:
                  'finished in all modes): "finished" | "following" (the last answer follows the '
                  'instruction, the world\'s checker) | "following_correct" (and the world oracle '
                  "judges it helpful: a stand-in for the paper's sampling from its best RLHF "
-                 "model).", choices=("finished", "following", "following_correct"))
+                 "model). Off the synthetic world only \"finished\".",
+                 choices=("finished", "following", "following_correct"))
   eval_dialogs: int = _f(64, "Held-out dialogs of eval_turns turns on which the stage measures "
-                         "adherence per turn of init_from and of its result (0 = no evaluation).",
+                         "adherence per turn of init_from and of its result (0 = no evaluation; "
+                         "synthetic world only).",
                          lo=0)
   eval_turns: int = _f(20, "Turns of an evaluation dialog.", lo=1)
   late_turn: int = _f(10, "Adherence is also pooled over turns >= late_turn.", lo=1)
