@@ -85,7 +85,7 @@ def distil_prompts(config, workdir: str, tokenizer) -> Tuple[List[dict], List[di
   cd, rc = config.context_distillation, config.rejection_sampling
   n, n_benign = int(cd.num_prompts), int(cd.benign_prompts)
   # world: ~25% of prompts are harmful, ~75% benign
-  draw = 8 * n + 2 * n_benign if config.tokenizer.path == "world" else 0
+  draw = 8 * n + 2 * n_benign if prompts_lib.is_world(config) else 0
   records = prompts_lib.load_prompts(config, workdir, "train", draw,
                                      stream=int(cd.prompt_stream), distinct=True)
   fits = lambda dialog: input_pipeline.prompt_example(
@@ -184,7 +184,7 @@ class ContextDistillationStage(stage_lib.Stage):
                                    finished["original"][:, 0], finished["distilled"][:, 0],
                                    targeted=bool(cd.targeted))
     judge = None
-    if config.tokenizer.path == "world":
+    if prompts_lib.is_world(config):
       judge = lambda dialog, text: world.oracle(dialog, text).refused
     rows = cd_lib.records(prompts, preprompts, first("original"), first("distilled"),
                           finished["original"][:, 0], finished["distilled"][:, 0],
