@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from llama_jax.data import input_pipeline as pl
-from llama_jax.data import sources, world, world_tokenizer
+from llama_jax.data import sources, world, world_pairs, world_tokenizer
 from llama_jax.data import tfds_builders as tb
 from llama_jax.tokenizer import B_SYS, E_SYS, Tokenizer
 
@@ -150,7 +150,7 @@ def test_checkpoint_restore_reproduces_the_stream(tok, kind):
     make = lambda: pl.sft_batches(_records(recs, seed=1, num_epochs=None), tok, batch_size=2,
                                   max_seq_len=64, seed=3)
   elif kind == "preference":
-    recs = world.safety_pairs(CFG, "train", 30)
+    recs = world_pairs.safety_pairs(CFG, "train", 30)
     make = lambda: pl.preference_batches(_records(recs, seed=1, num_epochs=None), tok,
                                          batch_size=4, max_seq_len=80)
   else:
@@ -181,8 +181,8 @@ def test_sharding_splits_records_between_processes():
 
 
 def test_mixture_ratios_and_determinism(tok):
-  a = [dict(r, rating=None) for r in world.helpfulness_pairs(CFG, "train", 50)]
-  b = world.safety_pairs(CFG, "train", 50)
+  a = [dict(r, rating=None) for r in world_pairs.helpfulness_pairs(CFG, "train", 50)]
+  b = world_pairs.safety_pairs(CFG, "train", 50)
 
   def build(seed):
     return pl.mixture([_records(a, seed=seed, num_epochs=None),

@@ -11,7 +11,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from llama_jax.data import sources, world
+from llama_jax.data import sources, world, world_pairs
 from llama_jax.data import tfds_builders as tb
 
 
@@ -41,7 +41,7 @@ def test_world_round_trip(tmp_path):
   for split, n in (("train", 40), ("held_out", 12)):
     source = builder.as_data_source(split=split)
     assert len(source) == n
-    expected = world.helpfulness_pairs(wcfg, split, n)
+    expected = world_pairs.helpfulness_pairs(wcfg, split, n)
     assert sorted(map(_key, _read(source))) == sorted(map(_key, expected))
   # Reading needs only the config name, or the directory.
   again = tb.World(config=tb.WorldBuilderConfig(name="helpful_s5"), data_dir=str(tmp_path))

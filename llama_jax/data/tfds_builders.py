@@ -39,6 +39,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from llama_jax.data import sources
 from llama_jax.data import world as world_lib
+from llama_jax.data import world_pairs
 
 KINDS = ("sft", "preference", "prompt")
 
@@ -246,8 +247,8 @@ class World(_RecordBuilder):
                        f"{cfg.num_train}, {cfg.num_held_out}")
     make, validate = {
         "sft": (world_lib.sft_demonstrations, sources.validate_sft),
-        "helpfulness": (world_lib.helpfulness_pairs, sources.validate_preference),
-        "safety": (world_lib.safety_pairs, sources.validate_preference),
+        "helpfulness": (world_pairs.helpfulness_pairs, sources.validate_preference),
+        "safety": (world_pairs.safety_pairs, sources.validate_preference),
         "prompt": (world_lib.sample_prompts, sources.validate_prompt),
     }[kind]
     out = {}

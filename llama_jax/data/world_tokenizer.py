@@ -14,7 +14,7 @@ from typing import Iterator
 
 import sentencepiece as spm
 
-from llama_jax.data import world
+from llama_jax.data import world, world_pairs
 
 
 def tokenizer_corpus(cfg: world.WorldConfig, n: int = 2000) -> Iterator[str]:
@@ -24,8 +24,8 @@ def tokenizer_corpus(cfg: world.WorldConfig, n: int = 2000) -> Iterator[str]:
   system instructions when ``cfg.instruction_fraction`` > 0)."""
   cfg = dataclasses.replace(cfg, careless_fraction=0.0, careless_tasks=(), unsafe_fraction=0.0)
   records = (world.sft_demonstrations(cfg, "train", n)
-             + world.helpfulness_pairs(cfg, "train", n // 2)
-             + world.safety_pairs(cfg, "train", n // 2))
+             + world_pairs.helpfulness_pairs(cfg, "train", n // 2)
+             + world_pairs.safety_pairs(cfg, "train", n // 2))
   for r in records:
     if "messages" in r:
       turns, answers = r["messages"][:-1], [r["messages"][-1]["content"]]

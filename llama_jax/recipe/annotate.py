@@ -3,7 +3,7 @@
 Llama 2 paper, Sec. 3.2.1: preference data was collected in weekly batches on samples of the
 latest models, and the reward models were retrained on it so they "stay on the distribution" of
 the policy they score. On the synthetic world the annotator is the world's oracle
-(:func:`llama_jax.data.world.annotate`): for each of ``annotate.num_prompts`` train prompts, K
+(:func:`llama_jax.data.world_pairs.annotate`): for each of ``annotate.num_prompts`` train prompts, K
 samples (temperature ``annotate.temperature``) of the policy ``init_from``; every pair of
 distinct samples whose oracle quality differs becomes a preference pair with a rating (and a
 safety label on harmful prompts). Real data has no oracle, so the stage needs the world.
@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from llama_jax import convert, evaluation, sharding
-from llama_jax.data import input_pipeline, sources, world
+from llama_jax.data import input_pipeline, sources, world_pairs
 from llama_jax.data import prompts as prompts_lib
 from llama_jax.rejection_sampling import step as rs_lib
 from llama_jax.train import build
@@ -127,7 +127,7 @@ class AnnotateStage(stage_lib.Stage):
                                                   temperature=float(ac.temperature), key=key)
     # A truncated sample (no EOS within the budget) is not a complete answer: never annotated.
     pairs = [r for p, row, done in zip(prompts, texts, finished)
-             for r in world.annotate(p["prompt"], [t for t, d in zip(row, done) if d])]
+             for r in world_pairs.annotate(p["prompt"], [t for t, d in zip(row, done) if d])]
     if not pairs:
       raise ValueError("annotate: the samples gave no preference pair (all of equal quality); "
                        "raise config.annotate.num_prompts, k or temperature")

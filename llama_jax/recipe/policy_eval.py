@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from llama_jax import convert, evaluation, sampling, stats
-from llama_jax.data import input_pipeline, sources, world
+from llama_jax.data import input_pipeline, sources, world_pairs
 from llama_jax.data import prompts as prompts_lib
 from llama_jax.ppo import step as ppo
 from llama_jax.recipe import overoptimization
@@ -256,8 +256,8 @@ def _rm_checks(config, workdir: str, tokenizer, rms, is_world: bool) -> dict:
   help_pairs, safety_pairs = [], []
   if is_world:
     wcfg = build.world_config(config)
-    help_pairs = world.helpfulness_pairs(wcfg, "held_out", 400)
-    safety_pairs = world.safety_pairs(wcfg, "held_out", 400)
+    help_pairs = world_pairs.helpfulness_pairs(wcfg, "held_out", 400)
+    safety_pairs = world_pairs.safety_pairs(wcfg, "held_out", 400)
   elif "hh_rlhf" in build.parse_list(config.pipeline.help_sources, "config.pipeline.help_sources"):
     builder = build.source_builder("hh_rlhf", "preference", config, os.path.join(workdir, "sft"),
                                    is_safety=True)
