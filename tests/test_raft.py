@@ -332,9 +332,14 @@ def test_dry_run_plans_a_rounds_finetune_step_and_sampling_pass():
   assert [s["name"].split(" ")[0] for s in p["steps"]] == ["sft.train_step", "sampling.sample"]
   assert p["steps"][1]["batch_shapes"]["tokens"] == (4 * 8, c.rejection_sampling.max_new_tokens)
   assert any("scoring" in u for u in p["unavailable"])
-  assert not any("kl_coef" in u for u in p["unavailable"])
-  c.raft.kl_coef = 0.1
-  assert any("kl_coef" in u for u in stages.get("raft").unavailable(c))
+  c.raft.kl_coef = 0.1  # the log-ratio pass: batch x K rows of prompt + answer, 64-rounded
+  p = dry_run.plan(c)
+  assert [s["name"].split(" ")[0] for s in p["steps"]] == [
+      "sft.train_step", "sampling.sample", "dpo.step.sequence_logprobs"]
+  width = -(-(c.rejection_sampling.max_prompt_len + c.rejection_sampling.max_new_tokens) // 64) * 64
+  assert p["steps"][2]["batch_shapes"]["tokens"] == (4 * 8, min(width, c.model.max_seq_len))
+  assert p["steps"][2]["per_device"]["optimizer_state"] == 0  # one model live, no AdamW state
+  assert not any("kl_coef" in u for u in p["unavailable"])  # planned now, not listed as missing
 
 
 @pytest.mark.parametrize("name,preset,mesh", [("raft_tiny", "tiny", (1, -1, 1)),

@@ -51,6 +51,7 @@ import time
 from typing import Any, Dict, List
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import sharding
@@ -160,6 +161,34 @@ def log_ratios(config, records: List[dict], tokenizer, policy_path: str) -> np.n
     logps.append(_logprobs(policy, tokenizer, rows, int(rc.batch_size) * int(rc.k)))
     del policy
   return (logps[0] - logps[1]).reshape(len(records), -1)
+
+
+def log_ratio_plan(config, mesh) -> stage_lib.StepPlan:
+  """:class:`StepPlan` of one call of :func:`log_ratios`' forward pass: ``dpo.step.
+  sequence_logprobs`` of ``rejection_sampling.batch_size x k`` rows of the longest width (prompt
+  and answer budgets, rounded up to 64, at most the context) on the generation layout, one model
+  live, rows split over data x fsdp."""
+  rc = config.rejection_sampling
+  cfg = build.planning_model_config(config)
+  rows = int(rc.batch_size) * int(rc.k)
+  width = min(-(-(int(rc.max_prompt_len) + int(rc.max_new_tokens)) // 64) * 64,
+              int(cfg.max_seq_len))
+  params = stage_lib.generation_params(cfg, mesh)
+  batch_sh = sharding.batch_sharding(mesh, sharding.GENERATION_RULES)
+  batch = {k: jax.ShapeDtypeStruct((rows, width), dt, sharding=batch_sh)
+           for k, dt in (("tokens", jnp.int32), ("mask", jnp.bool_), ("response_mask", jnp.bool_))}
+  fn = sharding.jit_step(
+      lambda p, tokens, mask, response_mask: dpo_lib.sequence_logprobs(
+          p, cfg, tokens, mask, response_mask),
+      mesh, sharding.GENERATION_RULES,
+      in_shardings=(jax.tree.map(lambda x: x.sharding, params), batch_sh, batch_sh, batch_sh),
+      out_shardings=batch_sh, donate_argnums=())
+  t0 = time.perf_counter()
+  lowered = fn.lower(params, batch["tokens"], batch["mask"], batch["response_mask"])
+  return stage_lib.StepPlan(
+      f"dpo.step.sequence_logprobs (RAFT log-ratio pass: {rows} rows, generation layout)",
+      lowered, 1, {k: (rows, width) for k in batch}, params,
+      lower_s=time.perf_counter() - t0)
 
 
 def round_dir(workdir: str, r: int) -> str:
@@ -288,11 +317,12 @@ class RAFTStage(stage_lib.Stage):
 
   def abstract_steps(self, config, mesh) -> List[stage_lib.StepPlan]:
     """A round's programs: the rejection-sampling stage's (the fine-tuning step, the sampling
-    pass of ``rejection_sampling.batch_size`` prompts x K)."""
-    return self.rs.abstract_steps(config, mesh)
+    pass of ``rejection_sampling.batch_size`` prompts x K) and, with ``raft.kl_coef`` > 0, the
+    log-ratio pass (:func:`log_ratio_plan`)."""
+    plans = self.rs.abstract_steps(config, mesh)
+    if float(config.raft.get("kl_coef", 0.0)) > 0:
+      plans.append(log_ratio_plan(config, mesh))
+    return plans
 
   def unavailable(self, config) -> List[str]:
-    extra = ([] if float(config.raft.get("kl_coef", 0.0)) == 0 else [
-        "raft.kl_coef's log-ratio pass (a forward pass of each sample under the round's policy "
-        "and under init_from, one model at a time, no optimizer state) is not planned"])
-    return self.rs.unavailable(config) + extra
+    return self.rs.unavailable(config)

@@ -139,6 +139,15 @@ class StepPlan:
   lower_s: float = 0.0
 
 
+def generation_params(cfg: LlamaConfig, mesh) -> Any:
+  """Abstract params (``jax.ShapeDtypeStruct`` with shardings) on the generation layout:
+  ``sharding.GENERATION_RULES``, the compute dtype, as ``sharding.to_generation_layout`` copies
+  them for sampling and forward-only passes."""
+  return jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype, sharding=sh),
+      sharding.param_shapes(cfg), sharding.param_shardings(cfg, mesh, sharding.GENERATION_RULES))
+
+
 def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
                   max_new_tokens: int, temperature: float,
                   extra: Optional[Dict[str, int]] = None, num_samples: int = 1) -> "StepPlan":
@@ -148,9 +157,7 @@ def sampling_plan(name: str, cfg: LlamaConfig, mesh, rows: int, prompt_len: int,
   them; rows split over data x fsdp). ``extra``: bytes live meanwhile (e.g. a resident train
   state), added to the total."""
   gen_rules = sharding.GENERATION_RULES
-  gen_params = jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype, sharding=sh),
-      sharding.param_shapes(cfg), sharding.param_shardings(cfg, mesh, gen_rules))
+  gen_params = generation_params(cfg, mesh)
   batch_sh = sharding.batch_sharding(mesh, gen_rules)
   prompts = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=batch_sh)
   pmask = jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_, sharding=batch_sh)
