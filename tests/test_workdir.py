@@ -2,6 +2,7 @@
 result.json helpers."""
 
 import json
+import os
 
 import ml_collections
 import pytest
@@ -96,3 +97,19 @@ def test_publish_replaces_and_results_mark_done(tmp_path):
   wd.write_result(str(work), {"finished": True})
   assert wd.is_done(str(work)) and json.loads((work / "result.json").read_text())["finished"]
   assert wd.read_json(str(work / "missing.json"), default={}) == {}
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+  path = str(tmp_path / "sub" / "result.json")
+  wd.write_json(path, {"finished": True, "steps": 3})
+  assert wd.read_json(path) == {"finished": True, "steps": 3}
+  dump = json.dump
+  def dies_midway(obj, f, **kw):
+    f.write('{"finished": tr')  # what a kill mid-write would leave behind
+    raise KeyboardInterrupt
+  monkeypatch.setattr(json, "dump", dies_midway)
+  with pytest.raises(KeyboardInterrupt):
+    wd.write_json(path, {"finished": False})
+  monkeypatch.setattr(json, "dump", dump)
+  assert wd.read_json(path) == {"finished": True, "steps": 3}  # the previous file, whole
+  assert sorted(os.listdir(tmp_path / "sub")) == ["result.json", "result.json.tmp"]

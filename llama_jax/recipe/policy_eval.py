@@ -374,10 +374,10 @@ def _evaluate_policy(params, ref_params, cfg, tokenizer, prompts, safety, scorer
 
 def _write_completions(path: str, prompts, greedy: dict, rewards) -> None:
   """``completions_<stage>.jsonl``: prompt, greedy completion, finished and reward per line."""
-  with open(path, "w") as f:
-    for p, t, done, r in zip(prompts, greedy["texts"], greedy["finished"], rewards):
-      f.write(json.dumps({"prompt": p, "completion": t, "finished": bool(done),
-                          "reward": float(r)}, ensure_ascii=False) + "\n")
+  sources.write_jsonl(path, [{"prompt": p, "completion": t, "finished": bool(done),
+                               "reward": float(r)}
+                              for p, t, done, r in zip(prompts, greedy["texts"],
+                                                       greedy["finished"], rewards)])
 
 
 def _write_report(result: dict, workdir: str, out_dir: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -262,13 +261,6 @@ def enable_compilation_cache(path: str, min_compile_secs: float = 1.0) -> Option
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
   return path
-
-
-def write_json(path: str, obj: Any):
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(obj, f, indent=2, default=str)
 
 
 def copy_config(config) -> ml_collections.ConfigDict:

@@ -52,11 +52,14 @@ def clean_on_failure(workdir: str, existed: Optional[bool] = None):
 
 
 def write_json(path: str, obj: Any) -> None:
-  """``obj`` as indented JSON at ``path`` (parent directories created; process 0 only)."""
+  """``obj`` as indented JSON at ``path`` (parent directories created; process 0 only),
+  atomically: a ``.tmp`` file renamed over ``path``, so a run killed while writing leaves the
+  previous file (or none), never a truncated one that a resumed run could not read."""
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(obj, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def read_json(path: str, default: Any = None) -> Any:
