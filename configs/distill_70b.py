@@ -10,8 +10,8 @@ configs/raft_70b.py (configs/rs_70b.py's fine-tune).
 Memory plan (``XLA_FLAGS=--xla_force_host_platform_device_count=64 python train.py
 --config=configs/distill_70b.py --dry_run``, XLA:CPU, 2026-12-02): the fine-tuning step 4.02 GiB
 params + 8.04 GiB AdamW state + 26.12 GiB temporaries = 38.18 GiB per device; the sampling pass
-(64 prompts of 1024 + 1024 tokens, one answer each) 16.06 + 32.92 = 48.98 GiB; both fit in 80 GiB
-(the reward models' scoring is not planned).
+(64 prompts of 1024 + 1024 tokens x 2 answers, the benign prompts' pass; 2026-12-03) 16.06 +
+33.28 = 49.34 GiB; both fit in 80 GiB (the reward models' scoring is not planned).
 """
 
 from configs import distill_7b, raft_70b

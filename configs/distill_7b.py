@@ -15,8 +15,9 @@ risk categories).
 Memory plan (``XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py
 --config=configs/distill_7b.py --dry_run``, XLA:CPU buffer assignment, 2026-12-02): the fine-tuning
 step (``sft.train_step`` of configs/sft_7b.py) 3.14 GiB params + 6.28 GiB AdamW state + 34.33 GiB
-temporaries = 43.75 GiB per device; the sampling pass (64 prompts, one answer each, generation
-layout) 12.55 + 30.41 = 42.97 GiB; both fit in 80 GiB (the RMs' scoring is not planned).
+temporaries = 43.75 GiB per device; the sampling pass (64 prompts x 2 answers, the benign
+prompts' pass, the larger; generation layout) 12.55 + 35.40 = 47.95 GiB; both fit in 80 GiB (the
+RMs' scoring is not planned). Date of the sampling figure: 2026-12-03.
 """
 
 from configs import raft_7b
@@ -29,6 +30,12 @@ def distill(c):
   cd.num_prompts = 1024
   cd.preprompt = "generic"
   cd.targeted = True
+  # Benign prompts' best-of-2 answers in the fine-tune (our addition; on the synthetic world they
+  # turned a rise in T=1 false refusals into a fall, README). The stand-in data's benign prompts
+  # are the 165 Self-Instruct train seeds (HH-RLHF's are all safety prompts): a warning names the
+  # shortfall; point data.sft_sources at a larger benign set for all 1,024.
+  cd.benign_prompts = 1024
+  cd.benign_k = 2
   r = c.rejection_sampling
   r.k = 1  # context distillation samples one answer per prompt and variant
   # 64 rows of 1024 + 256 tokens per generation batch at 7B: a KV cache of 64 x 1280 x 32 layers
