@@ -52,10 +52,14 @@ def _records(path):
   return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path, monkeypatch):
+def test_sampled_set_is_reproducible_and_best_of_k(models, tmp_path, monkeypatch, capfd):
   a, b = _workdir(models, tmp_path, "a"), _workdir(models, tmp_path, "b")
   config = lambda: make_config(models, auto_temperature=True, batch_size=1)
   res = stages.get("rejection_sampling").run(config(), str(a))
+  # A progress bar per sampling pass, counting prompts (tqdm on stderr).
+  err = capfd.readouterr().err
+  assert "rejection sampling V1 (K=3, T=" in err and "Fig. 8 sweep, T=" in err
+  assert f"{res['sampled']['prompts']}/{res['sampled']['prompts']} [" in err
   # b: a SIGTERM during the first batch of the main pass stops it after that batch (batches of
   # 1 prompt); the next run resumes from the saved batch with the same samples.
   sample_k, calls = rs_lib.sample_k, []

@@ -169,7 +169,8 @@ class ContextDistillationStage(stage_lib.Stage):
       t, f, n = rs_lib.sample_texts(config, policy, tokenizer, recs, k=k,
                                     temperature=float(rc.temperature),
                                     key=jax.random.fold_in(key, i),
-                                    batch_dir=os.path.join(workdir, "sampling", name), stop=stop)
+                                    batch_dir=os.path.join(workdir, "sampling", name), stop=stop,
+                                    desc=f"context distillation ({name})")
       tokens.append(n)
       texts[name] = t
       finished[name] = np.asarray([[a and bool(x.strip()) for a, x in zip(fr, tr)]

@@ -94,7 +94,7 @@ def instruction_dialogs(config, workdir: str, split: str, n: int, min_turns: int
   records = prompts_lib.load_prompts(config, workdir, split, 0, stream=stream)
   texts = [[m["content"] for m in r["prompt"] if m["role"] == "user"][-1] for r in records]
   rng = np.random.default_rng([int(config.seed), ("train", "held_out").index(split), 0x6A77,
-                               max(stream, -1) + 1])
+                               stream + 1])  # stream >= -1 (-1: every stream)
   return gatt_lib.instruction_dialogs(texts, n, min_turns, max_turns, rng)
 
 
@@ -239,9 +239,9 @@ class GAttStage(stage_lib.Stage):
 
 def summary(rows: List[dict]) -> Dict[str, Any]:
   """Statistics of ``gatt_data.jsonl``'s rows: dialogs, kept and its share, mean turns, the share
-  of sampled answers that follow the instruction and that the oracle judges correct (all turns;
-  the last turn), the share with a
-  truncated answer (``unfinished``), and the dialogs the context cut short."""
+  with a truncated answer (``unfinished``), the dialogs the context cut short, and on the world
+  the share of sampled answers that follow the instruction and that the oracle judges correct
+  (``follows`` / ``correct``: all turns; ``*_last``: the last turn)."""
   n = len(rows)
   mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0
   out = {"dialogs": n, "kept": int(sum(r["kept"] for r in rows)),

@@ -124,7 +124,8 @@ class AnnotateStage(stage_lib.Stage):
     key = jax.random.fold_in(jax.random.key(config.seed), (1 << 20) + int(ac.get("round", 1)))
     texts, finished, tokens = rs_lib.sample_texts(config, rs_lib.Policy(cfg, gen_params),
                                                   tokenizer, prompts, k=int(ac.k),
-                                                  temperature=float(ac.temperature), key=key)
+                                                  temperature=float(ac.temperature), key=key,
+                                                  desc=f"annotation round {ac.get('round', 1)}")
     # A truncated sample (no EOS within the budget) is not a complete answer: never annotated.
     pairs = [r for p, row, done in zip(prompts, texts, finished)
              for r in world_pairs.annotate(p["prompt"], [t for t, d in zip(row, done) if d])]

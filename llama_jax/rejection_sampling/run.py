@@ -69,15 +69,16 @@ def _validate(config):
 
 def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, k: int,
                      temperature: float, key: jax.Array, batch_dir: Optional[str] = None,
-                     stop=None):
+                     stop=None, desc: str = "sampling"):
   """K samples per prompt and their rewards: ([n][k] texts, [n, k] bool finished, [n, k] float
   scores ``Rc`` of ``scorer`` (``scoring.Scorer``), tokens sampled (``rs_lib.sample_texts``));
   truncated samples are scored too, but callers never pick them. An empty sample (EOS first)
-  counts as not finished: it is no answer to fine-tune on. ``batch_dir``, ``stop``: as in
-  ``rs_lib.sample_texts`` (resumable batches; raises ``rs_lib.SamplingStopped``)."""
+  counts as not finished: it is no answer to fine-tune on. ``batch_dir``, ``stop``, ``desc``: as
+  in ``rs_lib.sample_texts`` (resumable batches; raises ``rs_lib.SamplingStopped``; the progress
+  bar's label)."""
   texts, finished, tokens = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
                                                 temperature=temperature, key=key,
-                                                batch_dir=batch_dir, stop=stop)
+                                                batch_dir=batch_dir, stop=stop, desc=desc)
   finished = [[f and bool(t.strip()) for t, f in zip(row, done)]
               for row, done in zip(texts, finished)]
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
@@ -103,7 +104,8 @@ def temperature_curve(config, policy, tokenizer, scorer, prompts, key) -> Option
   sub, by_t = prompts[:rc.plot_prompts], {}
   for i, t in enumerate(temps):
     _, done, s, _ = sample_and_score(config, policy, tokenizer, scorer, sub, k=rc.plot_k,
-                                     temperature=t, key=jax.random.fold_in(key, 1000 + i))
+                                     temperature=t, key=jax.random.fold_in(key, 1000 + i),
+                                     desc=f"Fig. 8 sweep, T={t:g}")
     by_t[t] = curve_scores(s, done)
   return rs_lib.reward_vs_temperature(by_t, estimator="subsets")
 
@@ -211,7 +213,8 @@ class _Iteration:
     batch_dir = os.path.join(self.workdir, "sampling", f"T{temperature:g}")
     texts, finished, scores, tokens = sample_and_score(
         self.config, self.policy(), self.tokenizer, self.scorer, prompts, k=rc.k,
-        temperature=temperature, key=self.key, batch_dir=batch_dir, stop=stop)
+        temperature=temperature, key=self.key, batch_dir=batch_dir, stop=stop,
+        desc=f"rejection sampling V{rc.iteration} (K={rc.k}, T={temperature:g})")
     records = rs_lib.make_records([p["prompt"] for p in prompts], texts, scores,
                                   iteration=rc.iteration, temperature=temperature,
                                   finished=finished,

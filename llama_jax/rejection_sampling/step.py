@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 import jax
 from matplotlib.figure import Figure
 import numpy as np
+from tqdm.auto import tqdm
 
 from llama_jax import convert, sampling, sharding
 from llama_jax.config import LlamaConfig
@@ -435,7 +436,7 @@ class SamplingStopped(Exception):
 
 def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
                  key: jax.Array, batch_dir: Optional[str] = None,
-                 stop: Optional[Callable[[], bool]] = None
+                 stop: Optional[Callable[[], bool]] = None, desc: str = "sampling"
                  ) -> tuple[List[List[str]], List[List[bool]], Optional[int]]:
   """K samples per prompt record (``{"prompt": dialog, ...}``): ([n][k] texts, [n][k] finished,
   tokens sampled), generated in batches of ``config.rejection_sampling.batch_size`` prompts
@@ -447,12 +448,15 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
   ``batch_dir``: each finished batch is written there (process 0, ``batch_<i>.json``) and reused
   by a later call, so an interrupted pass resumes where it stopped with the same samples.
   ``stop``: checked after each batch; when it returns True, raises :class:`SamplingStopped`.
+  ``desc``: the progress bar's label (process 0; prompts done, reused batches included).
   """
   rc = config.rejection_sampling
   cfg, params = policy.cfg, policy.params
   texts: List[List[str]] = []
   finished: List[List[bool]] = []
   tokens: List[Optional[int]] = []  # per batch
+  bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
   for start in range(0, len(prompts), rc.batch_size):
     path = batch_dir and os.path.join(batch_dir, f"batch_{start:07d}.json")
     if path and os.path.isfile(path):
@@ -475,6 +479,9 @@ def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: i
     texts += t
     finished += f
     tokens.append(n)
+    bar.update(len(t))
     if stop is not None and stop():
+      bar.close()
       raise SamplingStopped(f"stopped after {start + len(t)} of {len(prompts)} prompts")
+  bar.close()
   return texts, finished, wd.sum_counts(tokens)
