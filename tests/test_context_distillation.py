@@ -1,7 +1,8 @@
 """Safety context distillation (llama_jax.context_distillation): the targeted selection and the
-benign best-of-k against loop references, the preprompts, the world that reacts to them, config checks, and the stage end
-to end on tiny models (answers with and without the preprompt, what is kept and fine-tuned on,
-resume after a stop bitwise equal to an uninterrupted run, the dry run)."""
+benign best-of-k against loop references, the preprompts, the world that reacts to them, config
+checks, and the stage end to end on tiny models (answers with and without the preprompt, benign
+prompts' answers, what is kept and fine-tuned on, resume after a stop bitwise equal to an
+uninterrupted run, the dry run)."""
 
 from __future__ import annotations
 

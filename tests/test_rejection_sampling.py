@@ -226,3 +226,9 @@ def test_sample_k_reproducible_and_row_order(llama2_tokenizer_path):
     assert cold_len[i] == [int(g.lengths[0])] * 2
   with pytest.raises(ValueError, match="temperature"):
     rs.sample_k(params, cfg, tok, prompts, 2, jax.random.key(3), 0.0, 6)
+
+
+def test_answered_needs_an_eos_and_some_text():
+  texts = [["The answer is 5.", "", "  ", "Sorry."], ["x", "y", "z", " w "]]
+  finished = [[True, True, True, False], [False, True, True, True]]
+  assert rs.answered(texts, finished) == [[True, False, False, False], [False, True, True, True]]

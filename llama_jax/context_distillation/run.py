@@ -173,8 +173,7 @@ class ContextDistillationStage(stage_lib.Stage):
                                     desc=f"context distillation ({name})")
       tokens.append(n)
       texts[name] = t
-      finished[name] = np.asarray([[a and bool(x.strip()) for a, x in zip(fr, tr)]
-                                   for fr, tr in zip(f, t)], bool)
+      finished[name] = np.asarray(rs_lib.answered(t, f), bool)
     del policy
     scorer = scoring.make_scorer(config, "rejection_sampling", tokenizer)
     score = lambda recs, answers: np.asarray(scorer(
@@ -221,9 +220,10 @@ class ContextDistillationStage(stage_lib.Stage):
     rc, cd = config.rejection_sampling, config.context_distillation
     cfg = build.planning_model_config(config)
     k = int(cd.benign_k) if int(cd.benign_prompts) > 0 else 1
+    answers = f" x {k} answers" if k > 1 else ""
     sample = stage_lib.sampling_plan(
-        f"sampling.sample (context-distillation pass: {rc.batch_size} prompts"
-        + (f" x {k} answers" if k > 1 else "") + ", generation layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
+        f"sampling.sample (context-distillation pass: {rc.batch_size} prompts{answers}, "
+        "generation layout)", cfg, mesh, int(rc.batch_size), int(rc.max_prompt_len),
         int(rc.max_new_tokens), float(rc.temperature), num_samples=k)
     return self.finetune.abstract_steps(config, mesh) + [sample]
 

@@ -16,9 +16,9 @@ per family). A habit that is the majority of a family's demonstrations is what S
 policy answers on that family, a defect that comparisons (RMs) can see and RLHF can fix.
 ``oracle`` judges any response text (model outputs included) against its prompt; the preference
 pairs (``helpfulness_pairs``, ``safety_pairs``, and ``annotate``, which turns a policy's samples
-into pairs with the oracle) live in ``llama_jax.data.world_pairs``. The task families themselves (prompt
-texts, parser, gold and graded responses, ``HABITS``) live in ``llama_jax.data.world_tasks``; its
-public names are re-exported here.
+into pairs with the oracle) live in ``llama_jax.data.world_pairs``. The task families themselves
+(prompt texts, parser, gold and graded responses, ``HABITS``) live in
+``llama_jax.data.world_tasks``; its public names are re-exported here.
 
 Response quality levels (``Judgement.quality``), used to build preference pairs and their ratings:
   benign:  3 correct; 2 near miss (a number off by one, a list with two items swapped);

@@ -3,8 +3,8 @@
 Llama 2 paper, Sec. 3.2.1: preference data was collected in weekly batches on samples of the
 latest models, and the reward models were retrained on it so they "stay on the distribution" of
 the policy they score. On the synthetic world the annotator is the world's oracle
-(:func:`llama_jax.data.world_pairs.annotate`): for each of ``annotate.num_prompts`` train prompts, K
-samples (temperature ``annotate.temperature``) of the policy ``init_from``; every pair of
+(:func:`llama_jax.data.world_pairs.annotate`): for each of ``annotate.num_prompts`` train
+prompts, K samples (temperature ``annotate.temperature``) of the policy ``init_from``; every pair of
 distinct samples whose oracle quality differs becomes a preference pair with a rating (and a
 safety label on harmful prompts). Real data has no oracle, so the stage needs the world.
 

@@ -229,7 +229,7 @@ class _Plan:
     if name in ("sft_coreset", "sft_random"):
       sub = self.stage("sft")
       d = sub.data
-      d.select, d.select_fraction = name[len("sft_"):], float(p.get("select_fraction", 0.05))
+      d.select, d.select_fraction = name[len("sft_"):], float(p.select_fraction)
       d.select_embed_from = self.final("sft") if name == "sft_coreset" else ""
       if int(sub.train.num_steps) == 0:
         sub.train.num_epochs = float(sub.train.num_epochs) / d.select_fraction

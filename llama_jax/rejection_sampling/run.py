@@ -79,8 +79,7 @@ def sample_and_score(config, policy, tokenizer, scorer, prompts: List[dict], *, 
   texts, finished, tokens = rs_lib.sample_texts(config, policy, tokenizer, prompts, k=k,
                                                 temperature=temperature, key=key,
                                                 batch_dir=batch_dir, stop=stop, desc=desc)
-  finished = [[f and bool(t.strip()) for t, f in zip(row, done)]
-              for row, done in zip(texts, finished)]
+  finished = rs_lib.answered(texts, finished)
   flat_prompts = [p["prompt"] for p in prompts for _ in range(k)]
   flat_safety = [bool(p.get("is_safety", False)) for p in prompts for _ in range(k)]
   scores = scorer(flat_prompts, [t for row in texts for t in row], flat_safety)["rc"]

@@ -434,6 +434,14 @@ class SamplingStopped(Exception):
   are in its ``batch_dir``)."""
 
 
+def answered(texts: Sequence[Sequence[str]], finished: Sequence[Sequence[bool]]
+             ) -> List[List[bool]]:
+  """[n][k] bool: which samples are answers to keep: finished (an EOS within the budget) and not
+  empty (EOS first is no answer to fine-tune on). texts: [n][k] str; finished: [n][k] bool."""
+  return [[bool(f) and bool(t.strip()) for t, f in zip(row, done)]
+          for row, done in zip(texts, finished)]
+
+
 def sample_texts(config, policy: Policy, tokenizer, prompts: List[dict], *, k: int, temperature: float,
                  key: jax.Array, batch_dir: Optional[str] = None,
                  stop: Optional[Callable[[], bool]] = None, desc: str = "sampling"
